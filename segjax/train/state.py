@@ -1,0 +1,43 @@
+"""The training state: one pytree holding everything a step reads or writes."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+  """params, BatchNorm statistics, optimizer state, step and rng.
+
+  `rng` is a fixed base key; the step's dropout key is `fold_in(rng, step)`, so a
+  resumed run draws exactly the keys an uninterrupted one would.
+  """
+  step: jnp.ndarray
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jnp.ndarray
+  apply_fn: Callable = flax.struct.field(pytree_node=False)
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+  def apply_gradients(self, grads, **changes) -> 'TrainState':
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+    params = optax.apply_updates(self.params, updates)
+    return self.replace(step=self.step + 1, params=params, opt_state=opt_state, **changes)
+
+
+def create_train_state(model, tx: optax.GradientTransformation, rng: jax.Array,
+                       input_shape: tuple[int, ...]) -> TrainState:
+  """Initialises the model on a zero batch of `input_shape` ([B, H, W, 3])."""
+  init_rng, state_rng = jax.random.split(rng)
+  variables = model.init({'params': init_rng, 'dropout': init_rng},
+                         jnp.zeros(input_shape, jnp.float32), train=False)
+  params = variables['params']
+  batch_stats = variables.get('batch_stats', {})
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                    opt_state=tx.init(params), rng=state_rng, apply_fn=model.apply, tx=tx)
