@@ -1,0 +1,16 @@
+"""FCN-32s: one stride-32 prediction upsampled to the input (Long et al., CVPR 2015, §4.2).
+
+Train and evaluate on the embedded digit_scenes dataset (built on first use):
+  python -m segjax.main --config=configs/fcn32s.py --workdir=/tmp/fcn32s
+Paper settings on PASCAL VOC 2012 (needs the VOC builder):
+  python -m segjax.main --config=configs/fcn32s.py:voc --workdir=runs/fcn32s_voc
+Expected result on digit_scenes: see the table in README.md.
+"""
+
+from segjax import base_config
+
+PRESETS = base_config.FCN_PRESETS
+
+
+def get_config(preset=None):
+  return base_config.fcn_config('fcn32s', preset)
