@@ -1,0 +1,1 @@
+"""Datasets (TFDS builders), per-example transforms and grain input pipelines."""

@@ -1,0 +1,271 @@
+"""grain input pipelines over `tfds.data_source` for semantic segmentation.
+
+    train_loader = create_train_loader(config.dataset, global_batch_size=32, seed=0)
+    for batch in train_loader:   # infinite
+      batch['image']  # float32 [b, crop_h, crop_w, 3], normalised
+      batch['label']  # int32 [b, crop_h, crop_w], ignore_label on padding
+
+    for batch in create_eval_loader(config.dataset, global_batch_size=32):  # one epoch
+      batch['image']  # float32 [b, pad_h, pad_w, 3]
+      batch['label']  # int32 [b, pad_h, pad_w]
+      batch['valid']  # bool [b, pad_h, pad_w], True on real pixels of real images
+
+Here b = global_batch_size // process_count: each JAX process gets its own slice.
+
+Static shapes. Train crops to `crop_size`; eval pads every image to `eval_pad_size`.
+The eval split is padded in index space (`PaddedDataSource`) to a multiple of the
+global batch size, so every process yields the same number of full batches; the extra
+examples have `valid` all False and label `ignore_label`. Each real example appears
+exactly once across all processes (contiguous blocks, one per process).
+
+Determinism and resume. Train order comes from grain's `IndexSampler` (global shuffle
+per epoch from `seed`), and each example's random augmentation from a generator grain
+keys on (seed, global index), so a loader's output depends only on the seed and
+process_index/process_count, not on num_workers or prefetching.
+`it = iter(loader); state = it.get_state()` returns `bytes` (UTF-8 JSON, e.g.
+`state.decode()` is a JSON string); `iter(loader).set_state(state)` continues with
+exactly the batches the saved iterator would have produced. For Orbax, store
+`state.decode()` as a string, or use `grain.checkpoint.CheckpointSave(it)` /
+`CheckpointRestore(it)` inside `ocp.args.Composite`.
+
+Any TFDS builder with an image feature and a segmentation feature works: set
+`dataset.name`, `image_key`, `label_key`, `num_classes`, `eval_pad_size`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import grain
+import ml_collections
+from ml_collections import config_dict
+from absl import flags
+import numpy as np
+
+from segjax.data import digit_scenes
+from segjax.data import sources
+from segjax.data import transforms
+
+REQUIRED_FIELDS = (
+    'name', 'data_dir', 'train_split', 'eval_split', 'image_key', 'label_key',
+    'num_classes', 'ignore_label', 'crop_size', 'eval_pad_size', 'scale_range',
+    'hflip', 'color_jitter', 'mean', 'std', 'num_workers', 'prefetch',
+)
+
+
+def default_dataset_config() -> ml_collections.ConfigDict:
+  """`config.dataset` for digit_scenes; config files override fields."""
+  c = ml_collections.ConfigDict()
+  c.name = 'digit_scenes'  # 'digit_scenes/tiny': 40/10/10 scenes, for smoke runs.
+  # None: the TFDS default (~/tensorflow_datasets). A typed placeholder, because
+  # `--config.dataset.data_dir=...` cannot override a plain None field.
+  c.data_dir = config_dict.placeholder(str)
+  c.train_split = 'train'
+  c.eval_split = 'validation'
+  c.image_key = 'image'
+  c.label_key = 'segmentation'
+  c.num_classes = digit_scenes.NUM_CLASSES
+  c.ignore_label = digit_scenes.IGNORE_LABEL
+  c.crop_size = (64, 64)
+  c.eval_pad_size = (64, 64)
+  # Digits are 14-30 px high; 0.75-1.5 keeps the smallest legible (>= 10 px).
+  c.scale_range = (0.75, 1.5)
+  c.hflip = False  # A mirrored digit is not the same digit.
+  c.color_jitter = 0.2
+  # Per-channel mean/std of digit_scenes train images (measured over all 4000).
+  c.mean = (127.7, 126.9, 128.2)
+  c.std = (57.9, 57.6, 58.1)
+  c.num_workers = 0  # 0: transforms run in the calling process.
+  c.prefetch = 16  # Records read ahead by grain's reader threads.
+  return c
+
+
+def _check_config(config) -> None:
+  missing = [f for f in REQUIRED_FIELDS if f not in config]
+  if missing:
+    raise ValueError(
+        f'dataset config lacks fields {missing}; start from '
+        'segjax.data.pipeline.default_dataset_config().'
+    )
+  if int(config.num_workers) < 0:
+    raise ValueError(f'dataset.num_workers must be >= 0, got {config.num_workers}.')
+  if int(config.prefetch) < 0:
+    raise ValueError(f'dataset.prefetch must be >= 0, got {config.prefetch}.')
+
+
+def _process_batch_size(
+    global_batch_size: int, process_index: int | None, process_count: int | None
+) -> tuple[int, int, int]:
+  """-> (per-process batch size, process_index, process_count)."""
+  if process_index is None or process_count is None:
+    import jax  # Only when asked to find the processes itself.
+
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(
+        f'process_index {process_index} must be in [0, process_count={process_count}).'
+    )
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(
+        f'global_batch_size {global_batch_size} must be a positive multiple of '
+        f'process_count {process_count}.'
+    )
+  return global_batch_size // process_count, process_index, process_count
+
+
+def _ensure_absl_flags_parsed(num_workers: int) -> None:
+  # grain's worker processes read absl flags (--grain_*); outside `absl.app.run`
+  # (tests, notebooks) nothing has parsed them and the first batch would raise
+  # UnparsedFlagAccessError. Defaults are what we want, so mark them parsed.
+  if num_workers > 0 and not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def _read_options(config) -> grain.ReadOptions:
+  prefetch = int(config.prefetch)
+  # Reader threads decode PNGs (Pillow releases the GIL); more than a few only
+  # contend on small machines.
+  return grain.ReadOptions(
+      num_threads=min(prefetch, 4), prefetch_buffer_size=prefetch
+  )
+
+
+def create_train_loader(
+    dataset_config,
+    *,
+    global_batch_size: int,
+    seed: int,
+    num_train_steps: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.DataLoader:
+  """Infinite, shuffled, augmented per-process batches of `dataset_config.train_split`.
+
+  Yields {'image': float32 [b, H, W, 3], 'label': int32 [b, H, W]} with (H, W) =
+  crop_size and b = global_batch_size // process_count. `seed` is a 32-bit
+  non-negative int. `num_train_steps` is accepted for the trainer's convenience and
+  does not bound the loader (the trainer stops it).
+  """
+  del num_train_steps  # The loader repeats forever; the trainer counts steps.
+  _check_config(dataset_config)
+  c = dataset_config
+  batch_size, process_index, process_count = _process_batch_size(
+      global_batch_size, process_index, process_count
+  )
+  if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+    raise ValueError(f'seed must be an int in [0, 2**32), got {seed!r}.')
+  source = sources.load_data_source(c.name, c.train_split, c.data_dir)
+  if len(source) < process_count:
+    raise ValueError(
+        f'Split {c.train_split!r} of {c.name!r} has {len(source)} examples, fewer '
+        f'than process_count {process_count}.'
+    )
+  shard_options = grain.sharding.ShardOptions(
+      shard_index=process_index, shard_count=process_count, drop_remainder=True
+  )
+  sampler = grain.samplers.IndexSampler(
+      num_records=len(source),
+      shard_options=shard_options,
+      shuffle=True,
+      num_epochs=None,
+      seed=int(seed),
+  )
+  ops = [
+      transforms.DecodeExample(
+          c.image_key, c.label_key, c.num_classes, c.ignore_label
+      )
+  ]
+  if tuple(c.scale_range) != (1.0, 1.0):
+    ops.append(transforms.RandomScale(c.scale_range))
+  if c.color_jitter:
+    ops.append(transforms.ColorJitter(c.color_jitter))
+  ops.append(transforms.RandomCrop(c.crop_size, c.mean, c.ignore_label))
+  if c.hflip:
+    ops.append(transforms.RandomHorizontalFlip(0.5))
+  ops += [
+      transforms.Normalize(c.mean, c.std),
+      grain.transforms.Batch(batch_size, drop_remainder=True),
+  ]
+  _ensure_absl_flags_parsed(int(c.num_workers))
+  return grain.DataLoader(
+      data_source=source,
+      sampler=sampler,
+      operations=ops,
+      worker_count=int(c.num_workers),
+      shard_options=shard_options,
+      read_options=_read_options(c),
+  )
+
+
+class PaddedDataSource:
+  """`source` extended to `num_records` by records `{PADDING_KEY: True}`."""
+
+  def __init__(self, source, num_records: int):
+    if num_records < len(source):
+      raise ValueError(f'num_records {num_records} < len(source) {len(source)}.')
+    self.source = source
+    self.num_records = num_records
+
+  def __len__(self) -> int:
+    return self.num_records
+
+  def __getitem__(self, index: int):
+    if index < len(self.source):
+      return self.source[index]
+    if index < self.num_records:
+      return {transforms.PADDING_KEY: True}
+    raise IndexError(f'Index {index} out of range [0, {self.num_records}).')
+
+  def __repr__(self) -> str:
+    return f'PaddedDataSource({self.source!r}, num_records={self.num_records})'
+
+
+def create_eval_loader(
+    dataset_config,
+    *,
+    global_batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.DataLoader:
+  """One deterministic pass over `dataset_config.eval_split`, in full batches.
+
+  Yields {'image': float32 [b, Hp, Wp, 3], 'label': int32 [b, Hp, Wp],
+  'valid': bool [b, Hp, Wp]} with (Hp, Wp) = eval_pad_size; every process yields
+  ceil(n / global_batch_size) batches. Count real pixels with `valid`, never by
+  batch size.
+  """
+  _check_config(dataset_config)
+  c = dataset_config
+  batch_size, process_index, process_count = _process_batch_size(
+      global_batch_size, process_index, process_count
+  )
+  source = sources.load_data_source(c.name, c.eval_split, c.data_dir)
+  num_padded = math.ceil(len(source) / global_batch_size) * global_batch_size
+  source = PaddedDataSource(source, num_padded)
+  shard_options = grain.sharding.ShardOptions(
+      shard_index=process_index, shard_count=process_count, drop_remainder=False
+  )
+  sampler = grain.samplers.IndexSampler(
+      num_records=num_padded,
+      shard_options=shard_options,
+      shuffle=False,
+      num_epochs=1,
+  )
+  ops = [
+      transforms.DecodeExample(
+          c.image_key, c.label_key, c.num_classes, c.ignore_label
+      ),
+      transforms.PadToSize(c.eval_pad_size, c.mean, c.ignore_label),
+      transforms.Normalize(c.mean, c.std),
+      grain.transforms.Batch(batch_size, drop_remainder=True),
+  ]
+  _ensure_absl_flags_parsed(int(c.num_workers))
+  return grain.DataLoader(
+      data_source=source,
+      sampler=sampler,
+      operations=ops,
+      worker_count=int(c.num_workers),
+      shard_options=shard_options,
+      read_options=_read_options(c),
+  )

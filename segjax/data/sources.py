@@ -1,0 +1,133 @@
+"""Dataset registry and random-access sources (`tfds.data_source`, array_record).
+
+`load_data_source(name, split, data_dir)` is the one way the pipeline opens data.
+Names in `DATASETS` are segjax's own builders: they are built into `data_dir` on first
+use (array_record, no TensorFlow) and reused afterwards. Any other name is handed to
+`tfds.data_source(..., download=False)`, so a TFDS dataset already prepared in
+array_record format plugs in without code changes.
+
+A name may carry a builder config, `'digit_scenes/tiny'`, as in `tfds.builder`.
+
+Several JAX processes building into one shared `data_dir` at once race (untested):
+TFDS writes into a temporary directory and renames it at the end, and a second rename
+may fail. On a multi-host run with a shared disk, build on process 0 first (call
+`get_builder`, then a barrier), then let every process open the data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import tensorflow_datasets as tfds
+
+from segjax.data import digit_scenes
+
+# Builders that segjax ships; built automatically on first use.
+DATASETS = {'digit_scenes': digit_scenes.DigitScenes}
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetMetadata:
+  """What a model and a metric need to know about a semantic segmentation dataset."""
+
+  num_classes: int  # Semantic classes, background included.
+  class_names: tuple[str, ...]
+  ignore_label: int
+
+
+DATASET_METADATA = {
+    'digit_scenes': DatasetMetadata(
+        num_classes=digit_scenes.NUM_CLASSES,
+        class_names=digit_scenes.CLASS_NAMES,
+        ignore_label=digit_scenes.IGNORE_LABEL,
+    ),
+}
+
+
+def get_metadata(name: str) -> DatasetMetadata:
+  """Metadata of a registered dataset; `name` may carry a config ('x/tiny')."""
+  base = name.split('/')[0]
+  if base not in DATASET_METADATA:
+    raise ValueError(
+        f'No metadata for dataset {name!r}; known: {sorted(DATASET_METADATA)}.'
+    )
+  return DATASET_METADATA[base]
+
+
+def _split_base_names(split: str) -> list[str]:
+  """'train[:10%]+validation' -> ['train', 'validation']."""
+  return [re.sub(r'\[.*\]$', '', part.strip()) for part in split.split('+')]
+
+
+def _check_split(name: str, split: str, builder: tfds.core.DatasetBuilder) -> None:
+  valid = sorted(builder.info.splits.keys())
+  for base in _split_base_names(split):
+    if base not in valid:
+      raise ValueError(
+          f'Unknown split {split!r} for dataset {name!r}; valid splits: {valid}.'
+      )
+
+
+def validate_dataset_name(name: str) -> None:
+  """Raises ValueError unless `name` is a segjax dataset (config) or a TFDS builder.
+
+  Cheap: reads no data and builds nothing, so config validation can call it.
+  """
+  if not isinstance(name, str) or not name:
+    raise ValueError(f'Dataset name must be a non-empty string, got {name!r}.')
+  base, _, config = name.partition('/')
+  if base in DATASETS:
+    valid_configs = [c.name for c in DATASETS[base].BUILDER_CONFIGS]
+    if config and config not in valid_configs:
+      raise ValueError(
+          f'Unknown config {config!r} for dataset {base!r} (in {name!r}); '
+          f'valid: {valid_configs}.'
+      )
+    return
+  try:
+    tfds.builder_cls(base)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise ValueError(
+        f'Unknown dataset {name!r}; valid: {sorted(DATASETS)} (built by segjax) or '
+        'the name of a TFDS builder already prepared in array_record format.'
+    ) from None
+
+
+def class_names(name: str) -> list[str] | None:
+  """Class names of `name` (index = semantic label), or None if segjax has none."""
+  base = name.split('/')[0]
+  if base not in DATASET_METADATA:
+    return None
+  return list(DATASET_METADATA[base].class_names)
+
+
+def get_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+  """The TFDS builder for `name`, built into `data_dir` if it is a segjax builder.
+
+  Raises ValueError for a name that is neither in `DATASETS` nor a TFDS builder.
+  """
+  validate_dataset_name(name)
+  base, _, config = name.partition('/')
+  if base in DATASETS:
+    builder = DATASETS[base](
+        config=config or None, data_dir=data_dir, file_format='array_record'
+    )
+    if not builder.is_prepared():
+      builder.download_and_prepare(file_format='array_record')
+    return builder
+  return tfds.builder(name, data_dir=data_dir)
+
+
+def load_data_source(name: str, split: str, data_dir: str | None):
+  """A random-access source of `split` of dataset `name` (a `tfds.data_source`).
+
+  Builds segjax's own datasets (`DATASETS`) on first use; never rebuilds them.
+  `data_dir` None means the TFDS default (`~/tensorflow_datasets` or $TFDS_DATA_DIR).
+  Records are dicts of numpy arrays, decoded without TensorFlow.
+  """
+  builder = get_builder(name, data_dir)
+  _check_split(name, split, builder)
+  if name.split('/')[0] in DATASETS:
+    return builder.as_data_source(split=split)
+  return tfds.data_source(name, split=split, data_dir=data_dir, download=False)

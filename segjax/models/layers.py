@@ -1,0 +1,355 @@
+"""Building blocks shared by the backbones and heads.
+
+Conventions (hold everywhere in `segjax.models`):
+- Images and feature maps are NHWC; indices into H/W follow PyTorch semantics so
+  that weights imported from torchvision give the same numbers.
+- Convolutions pad like PyTorch (`padding=dilation * (k - 1) // 2` on *both*
+  sides), not like TensorFlow's 'SAME' (which pads the extra row at the bottom):
+  a stride-2 3x3 conv then samples the same input pixels as torchvision, and maps
+  H -> ceil(H / 2).
+- BatchNorm uses torchvision's numbers in flax's convention: flax `momentum=0.9`
+  is `running = 0.9 * running + 0.1 * batch`, i.e. PyTorch `momentum=0.1`;
+  `epsilon=1e-5`. (PyTorch keeps the *unbiased* batch variance in its running
+  average, flax the biased one; the difference is N/(N-1) and only affects
+  training-time statistics, never imported weights or eval outputs.)
+- Convolution kernels are HWIO: torchvision OIHW weights import as
+  `w.transpose(2, 3, 1, 0)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+BN_MOMENTUM = 0.9  # flax convention; == PyTorch momentum 0.1
+BN_EPSILON = 1e-5
+
+# torchvision's conv init: kaiming_normal_(mode='fan_out', nonlinearity='relu'),
+# an untruncated normal.
+kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+  if isinstance(v, int):
+    return (v, v)
+  a, b = v
+  return (int(a), int(b))
+
+
+def torch_padding(kernel_size: int | Sequence[int],
+                  dilation: int | Sequence[int] = 1) -> tuple[tuple[int, int], ...]:
+  """PyTorch-style symmetric padding that keeps H at stride 1 for odd kernels.
+
+  For even kernels (no PyTorch equivalent) the extra pixel goes after, like 'SAME'.
+  """
+  pads = []
+  for k, d in zip(_pair(kernel_size), _pair(dilation)):
+    total = d * (k - 1)
+    pads.append((total // 2, total - total // 2))
+  return tuple(pads)
+
+
+def conv2d(features: int, kernel_size: int | Sequence[int] = 3, *,
+           strides: int | Sequence[int] = 1, dilation: int | Sequence[int] = 1,
+           use_bias: bool = True, dtype: Dtype | None = None,
+           kernel_init: Initializer = kaiming_normal_fan_out,
+           name: str | None = None) -> nn.Conv:
+  """A `nn.Conv` with PyTorch padding (`dilation * (k - 1) // 2` per side)."""
+  return nn.Conv(
+      features, _pair(kernel_size), strides=_pair(strides),
+      padding=torch_padding(kernel_size, dilation),
+      kernel_dilation=_pair(dilation), use_bias=use_bias, dtype=dtype,
+      kernel_init=kernel_init, name=name)
+
+
+def batch_norm(train: bool, *, axis_name: str | None = None,
+               dtype: Dtype | None = None,
+               scale_init: Initializer = nn.initializers.ones,
+               name: str | None = None) -> nn.BatchNorm:
+  """BatchNorm with torchvision's momentum/eps; `axis_name` syncs stats under pmap."""
+  return nn.BatchNorm(
+      use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+      axis_name=axis_name, dtype=dtype, scale_init=scale_init, name=name)
+
+
+class ConvBN(nn.Module):
+  """Conv (optionally atrous) -> optional BatchNorm -> optional ReLU.
+
+  Children are named `conv` and `bn`: they map to index 0 and 1 of the
+  equivalent torchvision `nn.Sequential(Conv2d, BatchNorm2d, ReLU)`.
+
+  Attributes:
+    features: output channels.
+    kernel_size, strides, dilation: as in PyTorch; padding is PyTorch's.
+    use_bn: add BatchNorm after the conv.
+    use_bias: conv bias; None means "only when there is no BN".
+    relu: apply ReLU at the end.
+    bn_axis_name: pmap axis over which BatchNorm statistics are averaged.
+  """
+  features: int
+  kernel_size: int | Sequence[int] = 3
+  strides: int | Sequence[int] = 1
+  dilation: int | Sequence[int] = 1
+  use_bn: bool = True
+  use_bias: bool | None = None
+  relu: bool = True
+  bn_axis_name: str | None = None
+  dtype: Dtype | None = None
+  kernel_init: Initializer = kaiming_normal_fan_out
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    use_bias = (not self.use_bn) if self.use_bias is None else self.use_bias
+    x = conv2d(self.features, self.kernel_size, strides=self.strides,
+               dilation=self.dilation, use_bias=use_bias, dtype=self.dtype,
+               kernel_init=self.kernel_init, name='conv')(x)
+    if self.use_bn:
+      x = batch_norm(train, axis_name=self.bn_axis_name, dtype=self.dtype,
+                     name='bn')(x)
+    if self.relu:
+      x = nn.relu(x)
+    return x
+
+
+# ---------------------------------------------------------------------------
+# Bilinear interpolation, exactly as PyTorch's F.interpolate(mode='bilinear').
+
+
+def _interp_matrix(in_size: int, out_size: int, align_corners: bool) -> np.ndarray:
+  """[out_size, in_size] linear-interpolation weights of PyTorch's upsample_bilinear2d.
+
+  PyTorch (aten/src/ATen/native/UpSample.h, area_pixel_compute_source_index):
+    align_corners=True:  src = dst * (in - 1) / (out - 1)   (0 when out == 1)
+    align_corners=False: src = max((dst + 0.5) * in / out - 0.5, 0)
+  then i0 = floor(src), i1 = min(i0 + 1, in - 1), weights (1 - l, l), l = src - i0.
+  There is no antialiasing when downsampling.
+  """
+  dst = np.arange(out_size, dtype=np.float64)
+  if align_corners:
+    scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+    src = dst * scale
+  else:
+    src = np.maximum((dst + 0.5) * (in_size / out_size) - 0.5, 0.0)
+  i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+  i1 = np.minimum(i0 + 1, in_size - 1)
+  lam = src - i0
+  m = np.zeros((out_size, in_size), np.float64)
+  rows = np.arange(out_size)
+  np.add.at(m, (rows, i0), 1.0 - lam)
+  np.add.at(m, (rows, i1), lam)
+  return m
+
+
+def bilinear_resize(x: jax.Array, size: Sequence[int], align_corners: bool) -> jax.Array:
+  """Resizes x: [..., H, W, C] to [..., size[0], size[1], C].
+
+  Matches `torch.nn.functional.interpolate(mode='bilinear', align_corners=...)`
+  (NCHW there) exactly, up- and downsampling (no antialiasing), which
+  `jax.image.resize` cannot do (no align_corners; antialiases on downsampling).
+  Implemented as two static [out, in] interpolation matrices contracted with
+  einsum, computed in float32 at HIGHEST precision; the result has x's dtype.
+  """
+  out_h, out_w = (int(s) for s in size)
+  in_h, in_w = x.shape[-3], x.shape[-2]
+  if (out_h, out_w) == (in_h, in_w):
+    return x
+  compute_dtype = jnp.promote_types(x.dtype, jnp.float32)
+  mh = jnp.asarray(_interp_matrix(in_h, out_h, align_corners), compute_dtype)
+  mw = jnp.asarray(_interp_matrix(in_w, out_w, align_corners), compute_dtype)
+  hi = jax.lax.Precision.HIGHEST
+  y = jnp.einsum('oh,...hwc->...owc', mh, x.astype(compute_dtype), precision=hi)
+  y = jnp.einsum('pw,...owc->...opc', mw, y, precision=hi)
+  return y.astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Transposed convolution ("deconvolution") initialised to bilinear upsampling.
+
+
+def bilinear_kernel_size(factor: int) -> int:
+  """Kernel size of FCN's bilinear upsampling deconv: 2f - f % 2 (FCN §3.3, surgery.py)."""
+  return 2 * factor - factor % 2
+
+
+def bilinear_filter(size: int) -> np.ndarray:
+  """[size, size] separable bilinear (tent) filter, FCN's `upsample_filt`."""
+  factor = (size + 1) // 2
+  center = factor - 1 if size % 2 == 1 else factor - 0.5
+  og = np.arange(size, dtype=np.float64)
+  f1 = 1.0 - np.abs(og - center) / factor
+  return np.outer(f1, f1)
+
+
+def bilinear_kernel(factor: int, channels: int) -> np.ndarray:
+  """[k, k, channels, channels] deconv kernel upsampling each channel bilinearly.
+
+  k = 2f - f % 2. Diagonal in the channel axes (channel c -> channel c only),
+  zero elsewhere, like FCN's `surgery.interp`. Layout (kh, kw, in, out) in
+  PyTorch's ConvTranspose orientation (see `conv_transpose_torch`).
+  """
+  k = bilinear_kernel_size(factor)
+  filt = bilinear_filter(k).astype(np.float32)
+  w = np.zeros((k, k, channels, channels), np.float32)
+  idx = np.arange(channels)
+  w[:, :, idx, idx] = filt[:, :, None]
+  return w
+
+
+def conv_transpose_torch(x: jax.Array, kernel: jax.Array, stride: int,
+                         crop: int, *, depthwise: bool = False) -> jax.Array:
+  """Transposed conv with PyTorch's ConvTranspose2d semantics and cropping.
+
+  Full (uncropped) output, no flip (PyTorch / Caffe "deconvolution"):
+    y_full[s*i + t] += x[i] * kernel[t]          (per spatial axis)
+  of size (n - 1) * s + k; then `crop` pixels are removed from *each* side
+  (PyTorch's `padding=crop`), giving (n - 1) * s + k - 2 * crop.
+
+  This is NOT what `flax.linen.ConvTranspose` (`transpose_kernel=False`) computes:
+  that one correlates the dilated input with the kernel, i.e. uses the spatially
+  flipped kernel. Here the kernel is flipped before the lax call so that
+  torchvision ConvTranspose2d weights w[in, out, kh, kw] import as
+  `w.transpose(2, 3, 0, 1)` unchanged.
+
+  Args:
+    x: [B, H, W, C_in].
+    kernel: [k, k, C_in, C_out], or [k, k, 1, C] when depthwise.
+    stride: upsampling factor s.
+    crop: pixels removed on each side of the full output.
+    depthwise: each channel upsampled on its own (feature_group_count=C).
+  Returns:
+    [B, (H-1)*s + k - 2*crop, (W-1)*s + k - 2*crop, C_out].
+  """
+  k = kernel.shape[0]
+  pad = k - 1 - crop
+  return jax.lax.conv_general_dilated(
+      x, kernel[::-1, ::-1].astype(x.dtype), window_strides=(1, 1),
+      padding=((pad, pad), (pad, pad)), lhs_dilation=(stride, stride),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=x.shape[-1] if depthwise else 1)
+
+
+class BilinearDeconv(nn.Module):
+  """FCN's upsampling layer: stride-f transposed conv with bilinear init (FCN §3.3).
+
+  Kernel 2f - f % 2, stride f, no bias. The full transposed-conv output is
+  cropped by f // 2 on each side (PyTorch `padding=f // 2`), so [H, W] -> [f*H, f*W]
+  and the output grid is aligned with the input's: output pixel o sits at input
+  coordinate (o + 0.5) / f - 0.5 (PyTorch align_corners=False). This is FCN's
+  deconv + "crop" layer without the padding=100 offset. Exact relationship
+  (tested): with the bilinear init, output pixel o equals
+  `bilinear_resize(x, (f*H, f*W), align_corners=False)` wherever its source
+  coordinate lies in [0, H-1], i.e. for f // 2 <= o < f*H - f // 2 (odd f too).
+  Proof: the kernel tap used is t = o + f//2 - f*i, and the FCN filter there is
+  1 - |t - c| / f = 1 - |src(o) - i| with c its centre, the tent weight of
+  bilinear interpolation. Nearer the border the deconv blends with the zero
+  padding where bilinear_resize clamps to the edge pixel.
+
+  Attributes:
+    factor: upsampling factor f.
+    learnable: if True, a [k, k, C, C] `kernel` param initialised to the
+      per-channel bilinear filter (cross-channel weights start at zero and may
+      learn); if False, no params: a constant depthwise bilinear filter (FCN's
+      released nets fix these layers, `lr_mult: 0`).
+  """
+  factor: int
+  learnable: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    f = self.factor
+    channels = x.shape[-1]
+    if self.learnable:
+      kernel = self.param(
+          'kernel', lambda _, shape: jnp.asarray(bilinear_kernel(f, shape[-1])),
+          (bilinear_kernel_size(f),) * 2 + (channels, channels))
+      return conv_transpose_torch(x, kernel, f, f // 2)
+    filt = bilinear_filter(bilinear_kernel_size(f)).astype(np.float32)
+    kernel = jnp.asarray(np.broadcast_to(filt[:, :, None, None],
+                                         filt.shape + (1, channels)))
+    return conv_transpose_torch(x, kernel, f, f // 2, depthwise=True)
+
+
+# ---------------------------------------------------------------------------
+# Max pooling with argmax and max unpooling (SegNet / DeconvNet).
+
+
+def _pool_pads(padding: str | Sequence[tuple[int, int]], size: tuple[int, int],
+               window: tuple[int, int], stride: tuple[int, int]
+               ) -> tuple[tuple[int, int], ...]:
+  if isinstance(padding, str):
+    if padding == 'VALID':
+      return ((0, 0), (0, 0))
+    if padding == 'SAME':
+      pads = []
+      for n, k, s in zip(size, window, stride):
+        out = -(-n // s)
+        total = max((out - 1) * s + k - n, 0)
+        pads.append((total // 2, total - total // 2))
+      return tuple(pads)
+    raise ValueError(f"padding must be 'SAME', 'VALID' or pairs, got {padding!r}")
+  return tuple((int(a), int(b)) for a, b in padding)
+
+
+def max_pool_with_argmax(x: jax.Array, window: int | Sequence[int],
+                         stride: int | Sequence[int],
+                         padding: str | Sequence[tuple[int, int]] = 'VALID'
+                         ) -> tuple[jax.Array, jax.Array]:
+  """Max pooling that also returns where each maximum came from.
+
+  Args:
+    x: [B, H, W, C].
+    window, stride: pooling window and stride.
+    padding: 'VALID', 'SAME' or ((top, bottom), (left, right)); padded
+      positions hold -inf and are never selected.
+  Returns:
+    values: [B, Ho, Wo, C] (== nn.max_pool with the same arguments).
+    indices: [B, Ho, Wo, C] int32 flat index h * W + w into the input's H x W
+      plane of the same batch element and channel (PyTorch `return_indices`).
+      Ties go to the first position in row-major window order.
+  """
+  kh, kw = _pair(window)
+  sh, sw = _pair(stride)
+  _, h, w, _ = x.shape
+  (pt, pb), (pl, pr) = _pool_pads(padding, (h, w), (kh, kw), (sh, sw))
+  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)), constant_values=-jnp.inf)
+  ho = (h + pt + pb - kh) // sh + 1
+  wo = (w + pl + pr - kw) // sw + 1
+  taps = [xp[:, di:di + sh * (ho - 1) + 1:sh, dj:dj + sw * (wo - 1) + 1:sw, :]
+          for di in range(kh) for dj in range(kw)]
+  stacked = jnp.stack(taps, axis=-1)  # [B, Ho, Wo, C, kh*kw]
+  tap = jnp.argmax(stacked, axis=-1)
+  values = jnp.take_along_axis(stacked, tap[..., None], axis=-1)[..., 0]
+  row = (jnp.arange(ho) * sh - pt)[None, :, None, None] + tap // kw
+  col = (jnp.arange(wo) * sw - pl)[None, None, :, None] + tap % kw
+  return values, (row * w + col).astype(jnp.int32)
+
+
+def max_unpool(values: jax.Array, indices: jax.Array,
+               output_size: Sequence[int]) -> jax.Array:
+  """Places `values` at `indices` in a zero [B, H, W, C] map (SegNet/DeconvNet unpooling).
+
+  Args:
+    values: [B, Ho, Wo, C].
+    indices: [B, Ho, Wo, C] flat h * W + w indices from `max_pool_with_argmax`.
+    output_size: (H, W) of the map that was pooled.
+  Returns:
+    [B, H, W, C]; gradients flow to `values`. Where overlapping windows record the
+    same position, they carry the same value, so the write order does not matter.
+  """
+  h, w = (int(s) for s in output_size)
+  b, _, _, c = values.shape
+  flat_v = values.reshape(b, -1, c)
+  flat_i = indices.reshape(b, -1, c)
+  out = jnp.zeros((b, h * w, c), values.dtype)
+  bi = jnp.arange(b)[:, None, None]
+  ci = jnp.arange(c)[None, None, :]
+  out = out.at[bi, flat_i, ci].set(flat_v)
+  return out.reshape(b, h, w, c)

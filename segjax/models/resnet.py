@@ -1,0 +1,206 @@
+"""ResNet-18/34/50/101/152 (He et al. 2016) in torchvision's layout, as a backbone.
+
+Stem: conv 7x7/2 (pad 3) -> BN -> ReLU -> max pool 3x3/2 (pad 1); then four stages
+of BasicBlocks (18/34) or Bottlenecks (50/101/152, "v1.5": the stride sits on the
+3x3 conv). Returned features and their strides (output_stride 32):
+
+  'stem'  after the stem ReLU, before the max pool        stride 2
+  'res2'  after layer1 (conv2_x in the paper)             stride 4
+  'res3'  after layer2                                    stride 8
+  'res4'  after layer3                                    stride 16
+  'res5'  after layer4                                    stride 32
+
+Every stride-2 op pads symmetrically (PyTorch), so a stride-s map is ceil(H / s).
+
+output_stride 16 / 8 is torchvision's `replace_stride_with_dilation`
+((False, False, True) / (False, True, True)): the stage's stride becomes 1, its
+dilation doubles; the first block of a dilated stage runs its 3x3 conv at the
+*previous* dilation (its downsample 1x1 conv gets stride 1), later blocks at the
+new one. With the same weights and BatchNorm in eval mode this makes
+`res5[OS8][:, ::4, ::4] == res5[OS32]` exactly (tests/test_models_resnet.py).
+torchvision refuses dilation in BasicBlock; here both 3x3 convs of a BasicBlock
+take the block's dilation (the first the previous one, as above), so ResNet-18/34
+also support output_stride 8/16.
+
+Parameter names mirror torchvision (`torchvision_name` converts a path):
+`conv1`, `bn1`, `layer{1-4}_{j}/{conv1,bn1,conv2,bn2[,conv3,bn3]}`,
+`layer{i}_{j}/downsample_0` (1x1 conv) and `downsample_1` (BN). Conv kernels are
+HWIO (torch OIHW -> `transpose(2, 3, 1, 0)`); BN `scale`/`bias` = torch
+`weight`/`bias`, batch_stats `mean`/`var` = `running_mean`/`running_var`.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from segjax.models import layers
+
+STAGE_WIDTHS = (64, 128, 256, 512)
+STEM_WIDTH = 64
+
+
+def scale_width(channels: int, width_multiplier: float) -> int:
+  """Channel count scaled by `width_multiplier`, at least 8."""
+  return max(8, int(round(channels * width_multiplier)))
+
+
+def torchvision_name(path: str) -> str:
+  """'layer1_0/downsample_1/scale' -> 'layer1.0.downsample.1.weight' (params and batch_stats)."""
+  parts = path.split('/')
+  leaf = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias',
+          'mean': 'running_mean', 'var': 'running_var'}.get(parts[-1], parts[-1])
+  mods = [re.sub(r'^(layer\d|downsample)_(\d+)$', r'\1.\2', p) for p in parts[:-1]]
+  return '.'.join(mods + [leaf])
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convs (ResNet-18/34). `planes` = output channels."""
+  planes: int
+  strides: int = 1
+  dilation: int = 1  # of the second conv ("new" dilation)
+  first_dilation: int = 1  # of the first conv ("previous" dilation)
+  downsample: bool = False
+  zero_init_residual: bool = False
+  bn_axis_name: str | None = None
+  dtype: Any = jnp.float32
+
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    bn = partial(layers.batch_norm, train, axis_name=self.bn_axis_name, dtype=self.dtype)
+    last_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+    identity = x
+    y = layers.conv2d(self.planes, 3, strides=self.strides, dilation=self.first_dilation,
+                      use_bias=False, dtype=self.dtype, name='conv1')(x)
+    y = nn.relu(bn(name='bn1')(y))
+    y = layers.conv2d(self.planes, 3, dilation=self.dilation, use_bias=False,
+                      dtype=self.dtype, name='conv2')(y)
+    y = bn(scale_init=last_init, name='bn2')(y)
+    if self.downsample:
+      identity = layers.conv2d(self.planes, 1, strides=self.strides, use_bias=False,
+                               dtype=self.dtype, name='downsample_0')(x)
+      identity = bn(name='downsample_1')(identity)
+    return nn.relu(y + identity)
+
+
+class Bottleneck(nn.Module):
+  """1x1 -> 3x3 (strided, dilated) -> 1x1 x4 (ResNet v1.5, torchvision)."""
+  planes: int
+  strides: int = 1
+  dilation: int = 1  # unused by the 3x3 of the first block of a dilated stage
+  first_dilation: int = 1  # dilation of this block's 3x3 conv
+  downsample: bool = False
+  zero_init_residual: bool = False
+  bn_axis_name: str | None = None
+  dtype: Any = jnp.float32
+
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    bn = partial(layers.batch_norm, train, axis_name=self.bn_axis_name, dtype=self.dtype)
+    last_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+    out = self.planes * self.expansion
+    identity = x
+    y = layers.conv2d(self.planes, 1, use_bias=False, dtype=self.dtype, name='conv1')(x)
+    y = nn.relu(bn(name='bn1')(y))
+    y = layers.conv2d(self.planes, 3, strides=self.strides, dilation=self.first_dilation,
+                      use_bias=False, dtype=self.dtype, name='conv2')(y)
+    y = nn.relu(bn(name='bn2')(y))
+    y = layers.conv2d(out, 1, use_bias=False, dtype=self.dtype, name='conv3')(y)
+    y = bn(scale_init=last_init, name='bn3')(y)
+    if self.downsample:
+      identity = layers.conv2d(out, 1, strides=self.strides, use_bias=False,
+                               dtype=self.dtype, name='downsample_0')(x)
+      identity = bn(name='downsample_1')(identity)
+    return nn.relu(y + identity)
+
+
+class ResNet(nn.Module):
+  """ResNet backbone (no classifier) returning {'stem', 'res2', ..., 'res5'}.
+
+  Attributes:
+    stage_sizes: blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50.
+    block_cls: BasicBlock or Bottleneck.
+    width_multiplier: scales every channel count (min 8 for the 3x3 width).
+    output_stride: 32, 16 or 8 via dilation (see module docstring).
+    zero_init_residual: last BN gamma of each block starts at 0 (torchvision option).
+    bn_axis_name: pmap axis for BatchNorm statistics.
+    dtype: compute dtype (params stay float32).
+  """
+  stage_sizes: tuple[int, ...]
+  block_cls: type[nn.Module]
+  width_multiplier: float = 1.0
+  output_stride: int = 32
+  zero_init_residual: bool = False
+  bn_axis_name: str | None = None
+  dtype: Any = jnp.float32
+
+  def replace_stride_with_dilation(self) -> tuple[bool, bool, bool]:
+    if self.output_stride not in (8, 16, 32):
+      raise ValueError(f'output_stride must be one of (8, 16, 32), got {self.output_stride}')
+    return {32: (False, False, False), 16: (False, False, True),
+            8: (False, True, True)}[self.output_stride]
+
+  def feature_strides(self) -> dict[str, int]:
+    """Stride of every returned feature map w.r.t. the input."""
+    return {'stem': 2, 'res2': 4, 'res3': 8, 'res4': min(16, self.output_stride),
+            'res5': min(32, self.output_stride)}
+
+  def feature_channels(self) -> dict[str, int]:
+    e = self.block_cls.expansion
+    channels = {'stem': scale_width(STEM_WIDTH, self.width_multiplier)}
+    for i, w in enumerate(STAGE_WIDTHS):
+      channels[f'res{i + 2}'] = scale_width(w, self.width_multiplier) * e
+    return channels
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+    dilate = (False,) + self.replace_stride_with_dilation()
+    x = x.astype(self.dtype)
+    in_channels = scale_width(STEM_WIDTH, self.width_multiplier)
+    x = layers.conv2d(in_channels, 7, strides=2, use_bias=False, dtype=self.dtype,
+                      name='conv1')(x)
+    x = layers.batch_norm(train, axis_name=self.bn_axis_name, dtype=self.dtype,
+                          name='bn1')(x)
+    x = nn.relu(x)
+    features = {'stem': x}
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+    dilation = 1
+    for i, (n_blocks, width) in enumerate(zip(self.stage_sizes, STAGE_WIDTHS)):
+      planes = scale_width(width, self.width_multiplier)
+      strides = 1 if i == 0 else 2
+      previous_dilation = dilation
+      if dilate[i]:
+        dilation *= strides
+        strides = 1
+      out_channels = planes * self.block_cls.expansion
+      for j in range(n_blocks):
+        first = j == 0
+        x = self.block_cls(
+            planes=planes,
+            strides=strides if first else 1,
+            dilation=dilation,
+            first_dilation=previous_dilation if first else dilation,
+            downsample=first and (strides != 1 or in_channels != out_channels),
+            zero_init_residual=self.zero_init_residual,
+            bn_axis_name=self.bn_axis_name, dtype=self.dtype,
+            name=f'layer{i + 1}_{j}')(x, train=train)
+      in_channels = out_channels
+      features[f'res{i + 2}'] = x
+    return features
+
+
+ResNet18 = partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)
+ResNet34 = partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock)
+ResNet50 = partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=Bottleneck)
+ResNet101 = partial(ResNet, stage_sizes=(3, 4, 23, 3), block_cls=Bottleneck)
+ResNet152 = partial(ResNet, stage_sizes=(3, 8, 36, 3), block_cls=Bottleneck)

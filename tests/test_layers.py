@@ -1,0 +1,238 @@
+"""Tests for segjax.models.layers: resize, bilinear deconv, pool/unpool, ConvBN."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from segjax.models import layers
+
+
+def torch_bilinear_reference(x: np.ndarray, out_h: int, out_w: int,
+                             align_corners: bool) -> np.ndarray:
+  """PyTorch's CPU upsample_bilinear2d, pixel by pixel (x: [H, W, C], float64).
+
+  From aten/src/ATen/native/UpSample.h: area_pixel_compute_scale /
+  area_pixel_compute_source_index, then h1 = int(src), h1p = h1 < H - 1,
+  out = (1 - l) * x[h1] + l * x[h1 + h1p].
+  """
+  in_h, in_w, _ = x.shape
+
+  def scale(n_in, n_out):
+    if align_corners:
+      return (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+    return n_in / n_out
+
+  def source(s, dst):
+    if align_corners:
+      return s * dst
+    src = s * (dst + 0.5) - 0.5
+    return 0.0 if src < 0 else src
+
+  sh, sw = scale(in_h, out_h), scale(in_w, out_w)
+  out = np.zeros((out_h, out_w, x.shape[2]))
+  for oh in range(out_h):
+    hr = source(sh, oh)
+    h1 = int(hr)
+    h1p = 1 if h1 < in_h - 1 else 0
+    lh = hr - h1
+    for ow in range(out_w):
+      wr = source(sw, ow)
+      w1 = int(wr)
+      w1p = 1 if w1 < in_w - 1 else 0
+      lw = wr - w1
+      out[oh, ow] = ((1 - lh) * ((1 - lw) * x[h1, w1] + lw * x[h1, w1 + w1p])
+                     + lh * ((1 - lw) * x[h1 + h1p, w1] + lw * x[h1 + h1p, w1 + w1p]))
+  return out
+
+
+@pytest.mark.parametrize('align_corners', [True, False])
+@pytest.mark.parametrize('in_hw,out_hw', [
+    ((5, 7), (13, 16)),   # up, non-integer ratios
+    ((4, 4), (8, 8)),     # up x2
+    ((13, 16), (5, 7)),   # down, non-integer
+    ((16, 12), (4, 3)),   # down x4 (PyTorch does not antialias)
+    ((6, 5), (1, 9)),     # degenerate output size 1
+    ((1, 3), (4, 3)),     # input size 1
+])
+def test_bilinear_resize_matches_pytorch_formula(in_hw, out_hw, align_corners):
+  x = np.random.default_rng(0).normal(size=(2,) + in_hw + (3,))
+  got = layers.bilinear_resize(jnp.asarray(x, jnp.float32), out_hw, align_corners)
+  assert got.shape == (2,) + out_hw + (3,)
+  for b in range(2):
+    want = torch_bilinear_reference(x[b], *out_hw, align_corners)
+    np.testing.assert_allclose(np.asarray(got[b]), want, atol=1e-5, rtol=1e-5)
+
+
+def test_bilinear_resize_upsampling_matches_jax_image_resize():
+  # jax.image.resize uses the same half-pixel grid as align_corners=False and only
+  # differs when downsampling (antialias) -- so upsampling must agree.
+  x = jax.random.normal(jax.random.key(0), (2, 5, 7, 3))
+  got = layers.bilinear_resize(x, (12, 15), align_corners=False)
+  want = jax.image.resize(x, (2, 12, 15, 3), method='bilinear')
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_bilinear_resize_keeps_dtype_and_identity():
+  x = jax.random.normal(jax.random.key(0), (1, 4, 4, 2)).astype(jnp.bfloat16)
+  assert layers.bilinear_resize(x, (8, 8), False).dtype == jnp.bfloat16
+  assert layers.bilinear_resize(x, (4, 4), True) is x
+
+
+def test_bilinear_kernel_is_fcn_upsample_filt():
+  # FCN surgery.upsample_filt(4) for factor 2: outer([.25, .75, .75, .25]).
+  k = layers.bilinear_kernel(2, 3)
+  assert k.shape == (4, 4, 3, 3)
+  row = np.array([0.25, 0.75, 0.75, 0.25])
+  np.testing.assert_allclose(k[:, :, 1, 1], np.outer(row, row))
+  np.testing.assert_array_equal(k[:, :, 0, 1], 0.0)  # no cross-channel weights
+  # Odd factor 3: kernel 5, center 2, weights 1 - |t - 2| / 3.
+  np.testing.assert_allclose(layers.bilinear_filter(5)[2], [1 / 3, 2 / 3, 1, 2 / 3, 1 / 3])
+  assert [layers.bilinear_kernel_size(f) for f in (1, 2, 3, 8, 32)] == [1, 4, 5, 16, 64]
+
+
+def numpy_conv_transpose(x: np.ndarray, w: np.ndarray, stride: int, crop: int) -> np.ndarray:
+  """PyTorch ConvTranspose2d by definition: y[s*i + t] += x[i] w[t], then crop (x: [H, W, Cin])."""
+  h, wd, _ = x.shape
+  k = w.shape[0]
+  full = np.zeros(((h - 1) * stride + k, (wd - 1) * stride + k, w.shape[3]))
+  for i in range(h):
+    for j in range(wd):
+      full[i * stride:i * stride + k, j * stride:j * stride + k] += np.einsum(
+          'c,abcd->abd', x[i, j], w)
+  return full[crop:full.shape[0] - crop, crop:full.shape[1] - crop]
+
+
+@pytest.mark.parametrize('stride,k,crop', [(2, 4, 1), (3, 5, 1), (2, 3, 0)])
+def test_conv_transpose_torch_semantics_with_asymmetric_kernel(stride, k, crop):
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(1, 3, 4, 2))
+  w = rng.normal(size=(k, k, 2, 3))  # asymmetric: a flip would be caught
+  got = layers.conv_transpose_torch(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32),
+                                    stride, crop)
+  np.testing.assert_allclose(got[0], numpy_conv_transpose(x[0], w, stride, crop),
+                             atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('learnable', [True, False])
+@pytest.mark.parametrize('factor', [2, 3, 4, 8])
+def test_bilinear_deconv_equals_bilinear_resize_on_interior(factor, learnable):
+  # Proven relationship (layers.BilinearDeconv docstring): identical wherever the
+  # output pixel's source coordinate (o + .5) / f - .5 lies in [0, n - 1].
+  h, w = 5, 4
+  x = jax.random.normal(jax.random.key(factor), (2, h, w, 3))
+  deconv = layers.BilinearDeconv(factor, learnable=learnable)
+  variables = deconv.init(jax.random.key(0), x)
+  assert bool(variables) == learnable
+  y = deconv.apply(variables, x)
+  assert y.shape == (2, factor * h, factor * w, 3)
+  ref = layers.bilinear_resize(x, (factor * h, factor * w), align_corners=False)
+  b = factor // 2
+  np.testing.assert_allclose(y[:, b:factor * h - b, b:factor * w - b],
+                             ref[:, b:factor * h - b, b:factor * w - b], atol=1e-5)
+  # ... and not beyond: the border pixel blends with zero padding.
+  assert not np.allclose(y[:, 0], ref[:, 0], atol=1e-3)
+
+
+def test_bilinear_deconv_reproduces_a_linear_ramp():
+  ramp = jnp.arange(6.0)[None, :, None, None] * jnp.ones((1, 6, 6, 1))
+  y = layers.BilinearDeconv(4, learnable=False).apply({}, ramp)
+  # Output pixel o sits at input coordinate (o + .5) / 4 - .5.
+  want = (jnp.arange(24) + 0.5) / 4 - 0.5
+  np.testing.assert_allclose(y[0, 2:-2, 5, 0], want[2:-2], atol=1e-5)
+
+
+@pytest.mark.parametrize('learnable', [True, False])
+def test_bilinear_deconv_does_not_mix_channels(learnable):
+  x = jnp.zeros((1, 3, 3, 4)).at[:, :, :, 2].set(1.0)
+  deconv = layers.BilinearDeconv(2, learnable=learnable)
+  y = deconv.apply(deconv.init(jax.random.key(0), x), x)
+  np.testing.assert_array_equal(y[..., [0, 1, 3]], 0.0)
+  assert float(jnp.abs(y[..., 2]).sum()) > 0
+
+
+def test_learnable_deconv_kernel_gets_gradient():
+  x = jax.random.normal(jax.random.key(0), (1, 3, 3, 2))
+  deconv = layers.BilinearDeconv(2, learnable=True)
+  params = deconv.init(jax.random.key(0), x)
+  assert params['params']['kernel'].shape == (4, 4, 2, 2)
+  g = jax.grad(lambda p: jnp.sum(deconv.apply(p, x) ** 2))(params)
+  assert float(jnp.abs(g['params']['kernel']).sum()) > 0
+
+
+@pytest.mark.parametrize('window,stride,padding', [
+    (2, 2, 'VALID'), (2, 2, 'SAME'), (3, 2, ((1, 1), (1, 1))), (3, 1, 'SAME')])
+def test_max_pool_with_argmax(window, stride, padding):
+  x = jax.random.normal(jax.random.key(0), (2, 7, 6, 3))
+  values, idx = layers.max_pool_with_argmax(x, window, stride, padding)
+  want = nn.max_pool(x, (window, window), (stride, stride), padding)
+  np.testing.assert_array_equal(values, want)
+  # The index points at the value it reports.
+  flat = x.reshape(2, -1, 3)
+  gathered = jnp.take_along_axis(flat, idx.reshape(2, -1, 3), axis=1).reshape(values.shape)
+  np.testing.assert_array_equal(gathered, values)
+
+
+def test_unpool_inverts_pool_positions_and_passes_gradients():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 6, 3))
+  values, idx = layers.max_pool_with_argmax(x, 2, 2)
+  y = layers.max_unpool(values, idx, (8, 6))
+  assert y.shape == x.shape
+  mask = np.zeros((2, 48, 3), bool)
+  np.put_along_axis(mask, np.asarray(idx).reshape(2, -1, 3), True, axis=1)
+  mask = mask.reshape(x.shape)
+  np.testing.assert_array_equal(np.asarray(y) != 0, mask)  # x has no exact zeros
+  np.testing.assert_array_equal(np.asarray(y)[mask], np.asarray(x)[mask])
+  assert mask.sum() == values.size  # one maximum per non-overlapping window
+  # d/dx sum(w * unpool(pool(x))) = w at the argmax positions, 0 elsewhere.
+  w = jax.random.normal(jax.random.key(1), x.shape)
+
+  def f(x):
+    v, i = layers.max_pool_with_argmax(x, 2, 2)
+    return jnp.sum(w * layers.max_unpool(v, i, (8, 6)))
+
+  np.testing.assert_allclose(jax.grad(f)(x), np.where(mask, w, 0.0))
+
+
+def test_stride2_conv_samples_like_pytorch():
+  # A one-hot centre tap with PyTorch padding 1 returns x[::2, ::2]; TF 'SAME'
+  # would return x[1::2, 1::2] for even sizes.
+  x = jax.random.normal(jax.random.key(0), (1, 8, 8, 1))
+  conv = layers.conv2d(1, 3, strides=2, use_bias=False)
+  kernel = jnp.zeros((3, 3, 1, 1)).at[1, 1].set(1.0)
+  y = conv.apply({'params': {'kernel': kernel}}, x)
+  np.testing.assert_array_equal(y, x[:, ::2, ::2])
+  assert layers.torch_padding(3, 4) == ((4, 4), (4, 4))
+
+
+def test_convbn_dilation_and_bn_momentum():
+  x = jax.random.normal(jax.random.key(0), (4, 9, 9, 2)) * 3 + 1
+  m = layers.ConvBN(5, 3, dilation=2)
+  v = m.init(jax.random.key(0), x, train=False)
+  assert 'bias' not in v['params']['conv']  # conv bias only without BN
+  y, upd = m.apply(v, x, train=True, mutable=['batch_stats'])
+  assert y.shape == (4, 9, 9, 5) and float(y.min()) >= 0
+  # running = 0.9 * running + 0.1 * batch  (PyTorch momentum 0.1)
+  z = nn.Conv(5, (3, 3), padding=((2, 2), (2, 2)), kernel_dilation=(2, 2),
+              use_bias=False).apply({'params': v['params']['conv']}, x)
+  np.testing.assert_allclose(upd['batch_stats']['bn']['mean'],
+                             0.1 * z.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(upd['batch_stats']['bn']['var'],
+                             0.9 + 0.1 * z.var(axis=(0, 1, 2)), rtol=1e-4)
+
+
+def test_convbn_bn_axis_name_averages_statistics_across_devices():
+  # vmap with an axis name stands in for pmap: statistics over 2 "devices" of
+  # 2 images each must equal those of one batch of 4.
+  x = jax.random.normal(jax.random.key(0), (4, 6, 6, 3))
+  synced = layers.ConvBN(4, bn_axis_name='devices')
+  local = layers.ConvBN(4)
+  v = local.init(jax.random.key(0), x, train=False)
+  want, want_upd = local.apply(v, x, train=True, mutable=['batch_stats'])
+  got, got_upd = jax.vmap(
+      lambda xs: synced.apply(v, xs, train=True, mutable=['batch_stats']),
+      axis_name='devices')(x.reshape(2, 2, 6, 6, 3))
+  np.testing.assert_allclose(got.reshape(want.shape), want, atol=1e-5)
+  np.testing.assert_allclose(got_upd['batch_stats']['bn']['mean'][0],
+                             want_upd['batch_stats']['bn']['mean'], atol=1e-6)

@@ -1,0 +1,74 @@
+"""Tests for the registries, config validation and build_model in segjax.models."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import pytest
+
+from segjax import models
+
+
+def test_default_model_config():
+  c = models.default_model_config()
+  assert c.to_dict() == {
+      'name': 'fcn8s', 'backbone': 'vgg16', 'width_multiplier': 1.0,
+      'output_stride': 32, 'upsampling': 'deconv', 'aux_loss': False,
+      'fc_kernel_size': 7, 'dtype': 'float32', 'dropout_rate': 0.5}
+  models.validate_model_config(c)
+
+
+def test_registries():
+  assert set(models.BACKBONES) == {'vgg16', 'vgg16_bn', 'vgg19', 'vgg19_bn', 'resnet18',
+                                   'resnet34', 'resnet50', 'resnet101', 'resnet152'}
+  assert set(models.MODELS) == {'fcn32s', 'fcn16s', 'fcn8s'}
+  assert models.UPSAMPLING == ('bilinear', 'deconv', 'deconv_frozen')
+
+
+@pytest.mark.parametrize('backbone', sorted(models.BACKBONES))
+@pytest.mark.parametrize('name', sorted(models.MODELS))
+def test_every_registry_name_builds(name, backbone):
+  c = models.default_model_config()
+  c.name, c.backbone, c.width_multiplier, c.fc_kernel_size = name, backbone, 1 / 16, 1
+  model = models.build_model(c, num_classes=3, bn_axis_name='batch')
+  x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  out = jax.eval_shape(
+      lambda x: model.init_with_output(jax.random.key(0), x, train=False)[0], x)
+  assert out['logits'].shape == (1, 32, 32, 3)
+  assert model.backbone.bn_axis_name == 'batch' and model.bn_axis_name == 'batch'
+
+
+@pytest.mark.parametrize('field,value,expected', [
+    ('name', 'fcn4s', "model.name='fcn4s' is not valid; choose one of ['fcn16s', 'fcn32s', "
+                      "'fcn8s']"),
+    ('backbone', 'resnet19', "model.backbone='resnet19' is not valid; choose one of "
+                             "['resnet101', 'resnet152', 'resnet18', 'resnet34', 'resnet50', "
+                             "'vgg16', 'vgg16_bn', 'vgg19', 'vgg19_bn']"),
+    ('upsampling', 'unpool', "model.upsampling='unpool' is not valid; choose one of "
+                             "['bilinear', 'deconv', 'deconv_frozen']"),
+    ('output_stride', 4, 'model.output_stride=4 is not valid; choose one of [8, 16, 32]'),
+    ('dtype', 'float16', "model.dtype='float16' is not valid; choose one of "
+                         "['bfloat16', 'float32']"),
+    ('width_multiplier', 0.0, 'model.width_multiplier=0.0 must be a number > 0'),
+    ('fc_kernel_size', 0, 'model.fc_kernel_size=0 must be an integer >= 1'),
+    ('dropout_rate', 1.0, 'model.dropout_rate=1.0 must be in [0, 1)'),
+])
+def test_bad_values_are_named_with_valid_choices(field, value, expected):
+  c = models.default_model_config()
+  c.unlock()
+  c[field] = value
+  with pytest.raises(ValueError) as err:
+    models.build_model(c, num_classes=21)  # build_model validates first
+  assert str(err.value) == expected
+
+
+def test_unknown_and_missing_fields():
+  c = models.default_model_config()
+  c.unlock()
+  c.output_strid = 16
+  with pytest.raises(ValueError, match=r"unknown model config field\(s\) \['output_strid'\]"):
+    models.validate_model_config(c)
+  partial = ml_collections.ConfigDict({'name': 'fcn8s', 'backbone': 'vgg16'})
+  with pytest.raises(ValueError, match=r"missing field\(s\) \['aux_loss', "):
+    models.validate_model_config(partial)
+  with pytest.raises(ValueError, match='num_classes=0'):
+    models.build_model(models.default_model_config(), num_classes=0)
