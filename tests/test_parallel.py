@@ -23,13 +23,13 @@ def report():
 
 def test_losses_agree_across_drivers(report):
   single = np.array(report['losses']['single'])
-  assert single[-1] < single[0]  # the steps really train
   for kind in ('pmap', 'jit'):
     np.testing.assert_allclose(report['losses'][kind], single, rtol=2e-5, err_msg=kind)
 
 
 def test_parameters_and_batch_stats_agree_across_drivers(report):
-  scale = report['param_scale']
+  # The steps move the backbone too (not only the zero-initialised score layers).
+  assert report['backbone_change'] > 1e-2, report
   for kind in ('pmap', 'jit'):
-    assert report[f'{kind}_params_diff'] < 1e-5 * max(scale, 1.0), report
+    assert report[f'{kind}_params_diff'] < 1e-4 * report['param_change'], report
     assert report[f'{kind}_batch_stats_diff'] < 1e-4, report
