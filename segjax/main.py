@@ -7,6 +7,9 @@
 Rerun the same command in the same workdir to resume.
 """
 
+import logging as std_logging
+import os
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -15,13 +18,24 @@ from segjax.train import trainer
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:preset]).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
+_LIBRARY_LOGS = flags.DEFINE_bool(
+    'library_logs', False, "Show other libraries' INFO logs (Orbax logs every save step).")
 flags.mark_flags_as_required(['config', 'workdir'])
+
+
+class _OnlySegjaxInfo(std_logging.Filter):
+  """Keeps segjax's INFO lines and every library's warnings and errors."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or f'{os.sep}segjax{os.sep}' in record.pathname
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)
+  if not _LIBRARY_LOGS.value:
+    logging.get_absl_handler().addFilter(_OnlySegjaxInfo())
   metrics = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   logging.info('final eval: miou=%.4f pixel_accuracy=%.4f', metrics['miou'],
                metrics['pixel_accuracy'])

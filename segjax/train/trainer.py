@@ -120,11 +120,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       mean_metrics = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
       elapsed = time.perf_counter() - window_start
       steps_per_second = window_steps / elapsed
-      mean_metrics['steps_per_second'] = steps_per_second
-      mean_metrics['images_per_second'] = steps_per_second * config.batch_size
+      images_per_second = steps_per_second * config.batch_size
       metric_writer.log_train(step, config.num_train_steps, mean_metrics, steps_per_second,
-                              mean_metrics['images_per_second'])
-      writer.write(step, 'train', mean_metrics)
+                              images_per_second)
+      writer.write(step, 'train', {**mean_metrics, 'steps_per_second': steps_per_second,
+                                   'images_per_second': images_per_second})
 
     eval_metrics = None
     if step % config.eval_every_steps == 0 or is_last:

@@ -1,0 +1,117 @@
+"""End-to-end runs of `python -m segjax.main` on a tiny digit_scenes build:
+train + eval + checkpoint, and kill -9 then rerun resuming to identical parameters."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from segjax.train import checkpoints, metric_writer, trainer
+
+_CONFIG = os.path.join(os.path.dirname(__file__), '..', 'configs', 'fcn8s.py')
+pytestmark = pytest.mark.slow
+
+
+def _tiny_overrides(data_dir, num_train_steps, checkpoint_every, eval_every):
+  return [
+      '--config.dataset.name=digit_scenes/tiny', f'--config.dataset.data_dir={data_dir}',
+      '--config.model.backbone=resnet18', '--config.model.width_multiplier=0.125',
+      '--config.dataset.crop_size=(32, 32)', '--config.batch_size=4',
+      '--config.eval_batch_size=4', f'--config.num_train_steps={num_train_steps}',
+      f'--config.checkpoint_every_steps={checkpoint_every}',
+      f'--config.eval_every_steps={eval_every}', '--config.log_every_steps=2',
+      '--config.optimizer.warmup_steps=2',
+  ]
+
+
+def _command(workdir, overrides):
+  return [sys.executable, '-m', 'segjax.main', f'--config={_CONFIG}', f'--workdir={workdir}',
+          *overrides]
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+def test_main_trains_evaluates_and_checkpoints(tmp_path, data_dir):
+  workdir = tmp_path / 'run'
+  result = subprocess.run(_command(workdir, _tiny_overrides(data_dir, 6, 3, 3)),
+                          capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-4000:]
+  train = metric_writer.read_metrics(str(workdir), 'train')
+  evals = metric_writer.read_metrics(str(workdir), 'eval')
+  assert [r['step'] for r in train] == [2, 4, 6]
+  assert [r['step'] for r in evals] == [3, 6]
+  for record in evals:
+    assert 0.0 <= record['miou'] <= 1.0
+    assert 0.0 < record['pixel_accuracy'] <= 1.0
+    assert set(r for r in record if r.startswith('iou/')) == {
+        'iou/background', *(f'iou/{d}' for d in range(10))}
+  assert all(np.isfinite(r['loss']) for r in train)
+  assert 'final eval: miou=' in result.stderr
+  assert os.listdir(workdir / 'tensorboard')
+  assert checkpoints.Checkpointer(str(workdir / 'checkpoints')).latest_step() == 6
+
+
+def _final_params(workdir, overrides):
+  """Restores the last checkpoint of `workdir` into the structure of a fresh state."""
+  config = _load_config(overrides)
+  template = trainer.create_state(config)
+  state, _ = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints')).restore(template)
+  return state
+
+
+def _load_config(overrides):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('fcn8s', _CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.dataset.name = 'digit_scenes/tiny'
+  config.model.backbone = 'resnet18'
+  config.model.width_multiplier = 0.125
+  config.dataset.crop_size = (32, 32)
+  return config
+
+
+def test_kill_and_rerun_resumes_to_identical_parameters(tmp_path, data_dir):
+  steps = 40
+  overrides = _tiny_overrides(data_dir, steps, 4, steps)
+  reference = tmp_path / 'reference'
+  result = subprocess.run(_command(reference, overrides), capture_output=True, text=True,
+                          timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-4000:]
+
+  interrupted = tmp_path / 'interrupted'
+  process = subprocess.Popen(_command(interrupted, overrides), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  checkpoint_dir = interrupted / 'checkpoints'
+  deadline = time.time() + 300
+  while time.time() < deadline and process.poll() is None:
+    if checkpoint_dir.exists() and any(p.name.isdigit() for p in checkpoint_dir.iterdir()):
+      break
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  saved = checkpoints.Checkpointer(str(checkpoint_dir)).latest_step()
+  assert saved is not None and saved < steps, saved
+
+  resumed = subprocess.run(_command(interrupted, overrides), capture_output=True, text=True,
+                           timeout=600, check=False)
+  assert resumed.returncode == 0, resumed.stderr[-4000:]
+  assert f'at step {saved}.' in resumed.stderr
+  train_steps = [r['step'] for r in metric_writer.read_metrics(str(interrupted), 'train')]
+  assert train_steps == list(range(2, steps + 1, 2))  # no step logged twice or lost
+
+  expected = checkpoints.state_arrays(_final_params(str(reference), overrides))
+  actual = checkpoints.state_arrays(_final_params(str(interrupted), overrides))
+  assert int(actual['step']) == steps
+  for a, b in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(actual)):
+    np.testing.assert_array_equal(a, b)
