@@ -187,6 +187,10 @@ def create_train_loader(
       transforms.Normalize(c.mean, c.std),
       grain.transforms.Batch(batch_size, drop_remainder=True),
   ]
+  return _data_loader(c, source, sampler, ops, shard_options)
+
+
+def _data_loader(c, source, sampler, ops, shard_options) -> grain.DataLoader:
   _ensure_absl_flags_parsed(int(c.num_workers))
   return grain.DataLoader(
       data_source=source,
@@ -260,12 +264,4 @@ def create_eval_loader(
       transforms.Normalize(c.mean, c.std),
       grain.transforms.Batch(batch_size, drop_remainder=True),
   ]
-  _ensure_absl_flags_parsed(int(c.num_workers))
-  return grain.DataLoader(
-      data_source=source,
-      sampler=sampler,
-      operations=ops,
-      worker_count=int(c.num_workers),
-      shard_options=shard_options,
-      read_options=_read_options(c),
-  )
+  return _data_loader(c, source, sampler, ops, shard_options)
