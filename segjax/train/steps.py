@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax import lax
 
 from segjax.evaluation.segmentation_metrics import confusion_matrix
@@ -65,16 +66,11 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray], *,
       'loss': global_sum(loss),
       'main_loss': global_sum(main_loss),
       'pixel_accuracy': global_sum(correct) / jnp.maximum(global_sum(jnp.sum(labelled)), 1),
-      'grad_norm': _global_norm(grads),
+      'grad_norm': optax.global_norm(grads),
   }
   if learning_rate_fn is not None:
     metrics['learning_rate'] = learning_rate_fn(state.step)
   return new_state, metrics
-
-
-def _global_norm(tree) -> jnp.ndarray:
-  leaves = jax.tree_util.tree_leaves(tree)
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
 
 
 def predict(state: TrainState, images: jnp.ndarray) -> jnp.ndarray:
