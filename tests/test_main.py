@@ -1,7 +1,7 @@
 """End-to-end runs of `python -m segjax.main` on a tiny digit_scenes build:
 train + eval + checkpoint, and kill -9 then rerun resuming to identical parameters."""
 
-import json
+import importlib.util
 import os
 import signal
 import subprocess
@@ -18,11 +18,15 @@ _CONFIG = os.path.join(os.path.dirname(__file__), '..', 'configs', 'fcn8s.py')
 pytestmark = pytest.mark.slow
 
 
+# A tiny model on a tiny build, shared by the CLI flags and the restore template.
+_TINY = {'dataset.name': 'digit_scenes/tiny', 'model.backbone': 'resnet18',
+         'model.width_multiplier': 0.125, 'dataset.crop_size': (32, 32)}
+
+
 def _tiny_overrides(data_dir, num_train_steps, checkpoint_every, eval_every):
   return [
-      '--config.dataset.name=digit_scenes/tiny', f'--config.dataset.data_dir={data_dir}',
-      '--config.model.backbone=resnet18', '--config.model.width_multiplier=0.125',
-      '--config.dataset.crop_size=(32, 32)', '--config.batch_size=4',
+      *(f'--config.{field}={value}' for field, value in _TINY.items()),
+      f'--config.dataset.data_dir={data_dir}', '--config.batch_size=4',
       '--config.eval_batch_size=4', f'--config.num_train_steps={num_train_steps}',
       f'--config.checkpoint_every_steps={checkpoint_every}',
       f'--config.eval_every_steps={eval_every}', '--config.log_every_steps=2',
@@ -60,25 +64,18 @@ def test_main_trains_evaluates_and_checkpoints(tmp_path, data_dir):
   assert checkpoints.Checkpointer(str(workdir / 'checkpoints')).latest_step() == 6
 
 
-def _final_params(workdir, overrides):
-  """Restores the last checkpoint of `workdir` into the structure of a fresh state."""
-  config = _load_config(overrides)
-  template = trainer.create_state(config)
-  state, _ = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints')).restore(template)
-  return state
-
-
-def _load_config(overrides):
-  import importlib.util  # pylint: disable=g-import-not-at-top
+def _final_state(workdir):
+  """Restores the last checkpoint of `workdir` into the structure of a fresh tiny state."""
   spec = importlib.util.spec_from_file_location('fcn8s', _CONFIG)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
-  config.dataset.name = 'digit_scenes/tiny'
-  config.model.backbone = 'resnet18'
-  config.model.width_multiplier = 0.125
-  config.dataset.crop_size = (32, 32)
-  return config
+  for field, value in _TINY.items():
+    section, name = field.split('.')
+    config[section][name] = value
+  template = trainer.create_state(config)
+  state, _ = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints')).restore(template)
+  return state
 
 
 def test_kill_and_rerun_resumes_to_identical_parameters(tmp_path, data_dir):
@@ -110,8 +107,8 @@ def test_kill_and_rerun_resumes_to_identical_parameters(tmp_path, data_dir):
   train_steps = [r['step'] for r in metric_writer.read_metrics(str(interrupted), 'train')]
   assert train_steps == list(range(2, steps + 1, 2))  # no step logged twice or lost
 
-  expected = checkpoints.state_arrays(_final_params(str(reference), overrides))
-  actual = checkpoints.state_arrays(_final_params(str(interrupted), overrides))
+  expected = checkpoints.state_arrays(_final_state(str(reference)))
+  actual = checkpoints.state_arrays(_final_state(str(interrupted)))
   assert int(actual['step']) == steps
   for a, b in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(actual)):
     np.testing.assert_array_equal(a, b)

@@ -8,16 +8,7 @@ import pytest
 
 from segjax.models import layers, resnet
 
-TINY = 1 / 16
-
-
-def count(tree) -> int:
-  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
-
-
-def abstract_init(model, shape=(1, 224, 224, 3)):
-  x = jax.ShapeDtypeStruct(shape, jnp.float32)
-  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+from model_test_utils import TINY, abstract_init, count
 
 
 # torchvision resnetN(): total params minus the fc layer (512*e*1000 + 1000).

@@ -199,13 +199,9 @@ class RandomCrop(grain.transforms.RandomMap):
     h, w = label.shape
     y0 = int(rng.integers(0, max(h - ch, 0) + 1))
     x0 = int(rng.integers(0, max(w - cw, 0) + 1))
-    img_win = image[y0:y0 + ch, x0:x0 + cw]
-    lab_win = label[y0:y0 + ch, x0:x0 + cw]
-    out_img = np.empty((ch, cw, 3), np.float32)
-    out_img[...] = self.pad_value
-    out_lab = np.full((ch, cw), self.ignore_label, np.int32)
-    out_img[: img_win.shape[0], : img_win.shape[1]] = img_win
-    out_lab[: lab_win.shape[0], : lab_win.shape[1]] = lab_win
+    out_img, out_lab = _paste_top_left(
+        image[y0:y0 + ch, x0:x0 + cw], label[y0:y0 + ch, x0:x0 + cw],
+        self.crop_size, self.pad_value, self.ignore_label)
     return {**element, 'image': out_img, 'label': out_lab}
 
 
@@ -248,21 +244,35 @@ class PadToSize(grain.transforms.Map):
 
   def map(self, element: dict) -> dict:
     ph, pw = self.pad_size
-    image = np.empty((ph, pw, 3), np.float32)
-    image[...] = self.pad_value
-    label = np.full((ph, pw), self.ignore_label, np.int32)
     valid = np.zeros((ph, pw), bool)
-    if not element.get(PADDING_KEY, False):
-      h, w = element['label'].shape
+    if element.get(PADDING_KEY, False):
+      image = np.zeros((0, 0, 3), np.float32)
+      label = np.zeros((0, 0), np.int32)
+    else:
+      image, label = element['image'], element['label']
+      h, w = label.shape
       if h > ph or w > pw:
         raise ValueError(
             f'Eval image of size {(h, w)} is larger than eval_pad_size {(ph, pw)}; '
             'raise dataset.eval_pad_size to at least the largest image size.'
         )
-      image[:h, :w] = element['image']
-      label[:h, :w] = element['label']
       valid[:h, :w] = True
+    image, label = _paste_top_left(image, label, self.pad_size, self.pad_value,
+                                   self.ignore_label)
     return {'image': image, 'label': label, 'valid': valid}
+
+
+def _paste_top_left(image: np.ndarray, label: np.ndarray, size: tuple[int, int],
+                    pad_value: np.ndarray, ignore_label: int) -> tuple[np.ndarray, np.ndarray]:
+  """[h, w, 3] image and [h, w] label (h, w <= size) -> float32 [H, W, 3] and int32
+  [H, W], filled with `pad_value` / `ignore_label` beyond the bottom-right edge."""
+  out_image = np.empty(tuple(size) + (3,), np.float32)
+  out_image[...] = pad_value
+  out_label = np.full(tuple(size), ignore_label, np.int32)
+  h, w = label.shape
+  out_image[:h, :w] = image
+  out_label[:h, :w] = label
+  return out_image, out_label
 
 
 class Normalize(grain.transforms.Map):

@@ -15,7 +15,6 @@ import os
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -68,7 +67,7 @@ class Checkpointer:
     step = self.manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'no checkpoint in {self.directory}')
-    target = jax.tree_util.tree_map(np.asarray, jax.device_get(state_arrays(template)))
+    target = jax.device_get(state_arrays(template))  # numpy leaves: restore to host
     restored = self.manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                       data=ocp.args.JsonRestore()))
