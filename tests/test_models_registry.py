@@ -20,15 +20,21 @@ def test_default_model_config():
 def test_registries():
   assert set(models.BACKBONES) == {'vgg16', 'vgg16_bn', 'vgg19', 'vgg19_bn', 'resnet18',
                                    'resnet34', 'resnet50', 'resnet101', 'resnet152'}
-  assert set(models.MODELS) == {'fcn32s', 'fcn16s', 'fcn8s'}
+  assert set(models.MODELS) == {
+      'fcn32s', 'fcn16s', 'fcn8s', 'deeplab_v1', 'deeplab_v1_largefov', 'deeplab_v1_msc',
+      'deeplab_v1_msc_largefov', 'deeplab_v2_aspp_s', 'deeplab_v2_aspp_l', 'deeplab_v3',
+      'deeplab_v3plus'}
   assert models.UPSAMPLING == ('bilinear', 'deconv', 'deconv_frozen')
 
 
-@pytest.mark.parametrize('backbone', sorted(models.BACKBONES))
-@pytest.mark.parametrize('name', sorted(models.MODELS))
+@pytest.mark.parametrize('name,backbone', [
+    (name, backbone) for name in sorted(models.MODELS)
+    for backbone in models.supported_backbones(name)])
 def test_every_registry_name_builds(name, backbone):
-  c = models.default_model_config()
-  c.name, c.backbone, c.width_multiplier, c.fc_kernel_size = name, backbone, 1 / 16, 1
+  c = models.default_model_config(name)
+  c.backbone, c.width_multiplier = backbone, 1 / 16
+  if 'fc_kernel_size' in c:
+    c.fc_kernel_size = 1
   model = models.build_model(c, num_classes=3, bn_axis_name='batch')
   x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
   out = jax.eval_shape(
@@ -38,8 +44,10 @@ def test_every_registry_name_builds(name, backbone):
 
 
 @pytest.mark.parametrize('field,value,expected', [
-    ('name', 'fcn4s', "model.name='fcn4s' is not valid; choose one of ['fcn16s', 'fcn32s', "
-                      "'fcn8s']"),
+    ('name', 'fcn4s', "model.name='fcn4s' is not valid; choose one of ['deeplab_v1', "
+                      "'deeplab_v1_largefov', 'deeplab_v1_msc', 'deeplab_v1_msc_largefov', "
+                      "'deeplab_v2_aspp_l', 'deeplab_v2_aspp_s', 'deeplab_v3', "
+                      "'deeplab_v3plus', 'fcn16s', 'fcn32s', 'fcn8s']"),
     ('backbone', 'resnet19', "model.backbone='resnet19' is not valid; choose one of "
                              "['resnet101', 'resnet152', 'resnet18', 'resnet34', 'resnet50', "
                              "'vgg16', 'vgg16_bn', 'vgg19', 'vgg19_bn']"),

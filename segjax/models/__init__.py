@@ -1,4 +1,4 @@
-"""Backbones and segmentation models; registry name -> constructor.
+"""Backbones and segmentation models (FCN, DeepLab); registry name -> constructor.
 
 `build_model(config.model, num_classes=..., bn_axis_name=...)` is what the trainer
 calls. The returned module follows the segjax model contract:
@@ -7,6 +7,7 @@ calls. The returned module follows the segjax model contract:
   out, updates = model.apply(variables, x, train=True,
                              rngs={'dropout': key}, mutable=['batch_stats'])
   out['logits']  # [B, H, W, num_classes] float32; 'aux_logits' too if aux_loss
+  # DeepLab models also return 'coarse_logits' (see segjax.models.deeplab).
 
 Not every model has 'batch_stats' (vgg16 without aux_loss has none).
 """
@@ -14,12 +15,13 @@ Not every model has 'batch_stats' (vgg16 without aux_loss has none).
 from __future__ import annotations
 
 import numbers
+from functools import partial
 from typing import Any
 
 import jax.numpy as jnp
 import ml_collections
 
-from segjax.models import fcn, resnet, vgg
+from segjax.models import deeplab, fcn, resnet, vgg
 
 BACKBONES = {
     'vgg16': vgg.VGG16,
@@ -32,12 +34,24 @@ BACKBONES = {
     'resnet101': resnet.ResNet101,
     'resnet152': resnet.ResNet152,
 }
+VGG_BACKBONES = tuple(b for b in BACKBONES if b.startswith('vgg'))
 
-MODELS = {
+FCN_MODELS = {
     'fcn32s': fcn.FCN32s,
     'fcn16s': fcn.FCN16s,
     'fcn8s': fcn.FCN8s,
 }
+DEEPLAB_MODELS = {
+    'deeplab_v1': partial(deeplab.DeepLabV1, msc=False),
+    'deeplab_v1_largefov': partial(deeplab.DeepLabV1, msc=False),
+    'deeplab_v1_msc': partial(deeplab.DeepLabV1, msc=True),
+    'deeplab_v1_msc_largefov': partial(deeplab.DeepLabV1, msc=True),
+    'deeplab_v2_aspp_s': deeplab.DeepLabV2,
+    'deeplab_v2_aspp_l': deeplab.DeepLabV2,
+    'deeplab_v3': deeplab.DeepLabV3,
+    'deeplab_v3plus': deeplab.DeepLabV3Plus,
+}
+MODELS = {**FCN_MODELS, **DEEPLAB_MODELS}
 
 UPSAMPLING = fcn.UPSAMPLING
 OUTPUT_STRIDES = (8, 16, 32)
@@ -47,18 +61,38 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 _FCN_FEATURES = {'vgg': ('pool3', 'pool4', 'fc7'), 'resnet': ('res3', 'res4', 'res5')}
 
 
-def default_model_config() -> ml_collections.ConfigDict:
-  """The `model` section of a config: FCN-8s on VGG-16 as in the paper."""
+def default_model_config(name: str = 'fcn8s') -> ml_collections.ConfigDict:
+  """The `model` section of a config for model `name`; its fields are the schema.
+
+  FCN (default): FCN-8s on VGG-16 as in the paper. DeepLab: the paper's backbone
+  (VGG-16 for v1, ResNet-101 otherwise) at output stride 8; `atrous_rates=()` means
+  the paper's rates (`deeplab.default_rates`), `input_scales=()` single-scale inputs.
+  """
+  if name not in MODELS:
+    _choice('name', name, MODELS)
+  if name in FCN_MODELS:
+    return ml_collections.ConfigDict({
+        'name': name,
+        'backbone': 'vgg16',
+        'width_multiplier': 1.0,
+        'output_stride': 32,
+        'upsampling': 'deconv',
+        'aux_loss': False,
+        'fc_kernel_size': 7,
+        'dtype': 'float32',
+        'dropout_rate': 0.5,
+    })
   return ml_collections.ConfigDict({
-      'name': 'fcn8s',
-      'backbone': 'vgg16',
+      'name': name,
+      'backbone': 'vgg16' if name in deeplab.V1_FC6 else 'resnet101',
       'width_multiplier': 1.0,
-      'output_stride': 32,
-      'upsampling': 'deconv',
+      'output_stride': 8,
       'aux_loss': False,
-      'fc_kernel_size': 7,
       'dtype': 'float32',
       'dropout_rate': 0.5,
+      'atrous_rates': (),     # () = the paper's; else one per branch (v1: fc6's rate)
+      'input_scales': (),     # () = single scale; else starts with 1.0 (v2 MSC)
+      'freeze_bn': False,
   })
 
 
@@ -66,38 +100,108 @@ def _family(backbone: str) -> str:
   return 'vgg' if backbone.startswith('vgg') else 'resnet'
 
 
-def _choice(field: str, value: Any, choices) -> None:
+def _choice(field: str, value: Any, choices, context: str = '') -> None:
   if value not in choices:
-    raise ValueError(f'model.{field}={value!r} is not valid; choose one of {sorted(choices)}')
+    raise ValueError(f'model.{field}={value!r} is not valid{context}; '
+                     f'choose one of {sorted(choices)}')
+
+
+def supported_backbones(name: str) -> tuple[str, ...]:
+  """Backbones model `name` can use: DeepLab v1 is defined on VGG, the others on any."""
+  return VGG_BACKBONES if name in deeplab.V1_FC6 else tuple(BACKBONES)
+
+
+def supported_output_strides(name: str) -> tuple[int, ...]:
+  """FCN: any; DeepLab v1/v2 are defined at 8 ([v1] §3.1, [v2] §3.1); v3/v3+ at 8 or 16."""
+  if name in FCN_MODELS:
+    return OUTPUT_STRIDES
+  if name in ('deeplab_v3', 'deeplab_v3plus'):
+    return (8, 16)
+  return (8,)
+
+
+def coarse_logits_stride(model_config: ml_collections.ConfigDict) -> int | None:
+  """Stride of the model's 'coarse_logits' (4 for v3+), or None if it has none (FCN)."""
+  if model_config.name in FCN_MODELS:
+    return None
+  if model_config.name == 'deeplab_v3plus':
+    return 4  # the decoder's 'res2' / 'pool2' grid ([v3+] §3.1)
+  return int(model_config.output_stride)
+
+
+def _check_number(field: str, value: Any, ok: bool, requirement: str) -> None:
+  if isinstance(value, bool) or not ok:
+    raise ValueError(f'model.{field}={value!r} must be {requirement}')
 
 
 def validate_model_config(model_config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the bad field/value and the valid choices."""
-  known = set(default_model_config().keys())
-  given = set(model_config.keys())
+  c = model_config
+  if 'name' not in c:
+    raise ValueError('model config has no field name; see segjax.models.default_model_config()')
+  _choice('name', c.name, MODELS)
+  known = set(default_model_config(c.name).keys())
+  given = set(c.keys())
   if given - known:
-    raise ValueError(f'unknown model config field(s) {sorted(given - known)}; '
-                     f'known fields are {sorted(known)}')
+    raise ValueError(f'unknown model config field(s) {sorted(given - known)} for '
+                     f'model.name={c.name!r}; known fields are {sorted(known)}')
   if known - given:
     raise ValueError(f'model config is missing field(s) {sorted(known - given)}; '
-                     f'see segjax.models.default_model_config()')
-  c = model_config
-  _choice('name', c.name, MODELS)
+                     f'see segjax.models.default_model_config({c.name!r})')
   _choice('backbone', c.backbone, BACKBONES)
-  _choice('upsampling', c.upsampling, UPSAMPLING)
+  _choice('backbone', c.backbone, supported_backbones(c.name), f' for {c.name}')
   _choice('output_stride', c.output_stride, OUTPUT_STRIDES)
+  _choice('output_stride', c.output_stride, supported_output_strides(c.name), f' for {c.name}')
   _choice('dtype', c.dtype, DTYPES)
-  if isinstance(c.width_multiplier, bool) or not isinstance(c.width_multiplier, numbers.Real) \
-      or not c.width_multiplier > 0:
-    raise ValueError(f'model.width_multiplier={c.width_multiplier!r} must be a number > 0')
-  if isinstance(c.fc_kernel_size, bool) or not isinstance(c.fc_kernel_size, numbers.Integral) \
-      or c.fc_kernel_size < 1:
-    raise ValueError(f'model.fc_kernel_size={c.fc_kernel_size!r} must be an integer >= 1')
-  if isinstance(c.dropout_rate, bool) or not isinstance(c.dropout_rate, numbers.Real) \
-      or not 0.0 <= c.dropout_rate < 1.0:
-    raise ValueError(f'model.dropout_rate={c.dropout_rate!r} must be in [0, 1)')
+  _check_number('width_multiplier', c.width_multiplier,
+                isinstance(c.width_multiplier, numbers.Real) and c.width_multiplier > 0,
+                'a number > 0')
+  _check_number('dropout_rate', c.dropout_rate,
+                isinstance(c.dropout_rate, numbers.Real) and 0.0 <= c.dropout_rate < 1.0,
+                'in [0, 1)')
   if not isinstance(c.aux_loss, bool):
     raise ValueError(f'model.aux_loss={c.aux_loss!r} must be True or False')
+  if c.name in FCN_MODELS:
+    _choice('upsampling', c.upsampling, UPSAMPLING)
+    _check_number('fc_kernel_size', c.fc_kernel_size,
+                  isinstance(c.fc_kernel_size, numbers.Integral) and c.fc_kernel_size >= 1,
+                  'an integer >= 1')
+  else:
+    _validate_deeplab(c)
+
+
+def _validate_deeplab(c: ml_collections.ConfigDict) -> None:
+  rates, scales = tuple(c.atrous_rates), tuple(c.input_scales)
+  n = deeplab.num_rates(c.name)
+  if rates and (len(rates) != n or any(isinstance(r, bool) or not isinstance(r, numbers.Integral)
+                                       or r < 1 for r in rates)):
+    raise ValueError(f'model.atrous_rates={rates!r} must be () (the paper\'s '
+                     f'{deeplab.default_rates(c.name, c.output_stride)}) or {n} integers >= 1 '
+                     f'for {c.name}')
+  if scales and (any(isinstance(s, bool) or not isinstance(s, numbers.Real) or not s > 0
+                     for s in scales) or float(scales[0]) != 1.0):
+    raise ValueError(f'model.input_scales={scales!r} must be () or positive scales starting '
+                     f'with 1.0, e.g. {deeplab.V2_INPUT_SCALES}')
+  if not isinstance(c.freeze_bn, bool):
+    raise ValueError(f'model.freeze_bn={c.freeze_bn!r} must be True or False')
+  if c.freeze_bn and c.name in deeplab.V1_FC6:
+    raise ValueError(f'model.freeze_bn=True is not supported by {c.name} (VGG fc6/fc7 '
+                     'dropout and BatchNorm share the train flag); use False')
+
+
+def _rates(c: ml_collections.ConfigDict) -> tuple[int, ...]:
+  return tuple(int(r) for r in c.atrous_rates) or deeplab.default_rates(
+      c.name, int(c.output_stride))
+
+
+def _vgg_fc(c: ml_collections.ConfigDict) -> dict[str, Any]:
+  """VGG's fc6/fc7: FCN's fc_kernel_size; DeepLab v1's variant; none for v2/v3 (ASPP)."""
+  if c.name in FCN_MODELS:
+    return dict(fc_kernel_size=int(c.fc_kernel_size))
+  if c.name in deeplab.V1_FC6:
+    fc6 = deeplab.V1_FC6[c.name]
+    return dict(fc_kernel_size=fc6.kernel_size, fc_width=fc6.width, fc_dilation=_rates(c)[0])
+  return dict(fc_width=0)
 
 
 def build_backbone(model_config: ml_collections.ConfigDict, *,
@@ -108,8 +212,7 @@ def build_backbone(model_config: ml_collections.ConfigDict, *,
                 output_stride=int(c.output_stride), bn_axis_name=bn_axis_name,
                 dtype=DTYPES[c.dtype])
   if _family(c.backbone) == 'vgg':
-    kwargs.update(fc_kernel_size=int(c.fc_kernel_size),
-                  dropout_rate=float(c.dropout_rate))
+    kwargs.update(dropout_rate=float(c.dropout_rate), **_vgg_fc(c))
   return BACKBONES[c.backbone](**kwargs)
 
 
@@ -118,7 +221,7 @@ def build_model(model_config: ml_collections.ConfigDict, *, num_classes: int,
   """Validates `model_config` and returns the segmentation module it names.
 
   Args:
-    model_config: see `default_model_config()` for the fields.
+    model_config: see `default_model_config(name)` for the fields.
     num_classes: output channels of 'logits'.
     bn_axis_name: pmap axis name for cross-device BatchNorm, or None (jit/single device).
   """
@@ -126,11 +229,25 @@ def build_model(model_config: ml_collections.ConfigDict, *, num_classes: int,
   if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
     raise ValueError(f'num_classes={num_classes!r} must be a positive integer')
   c = model_config
-  return MODELS[c.name](
-      backbone=build_backbone(c, bn_axis_name=bn_axis_name),
+  backbone = build_backbone(c, bn_axis_name=bn_axis_name)
+  if c.name in FCN_MODELS:
+    return FCN_MODELS[c.name](
+        backbone=backbone,
+        num_classes=int(num_classes),
+        feature_names=_FCN_FEATURES[_family(c.backbone)],
+        upsampling=c.upsampling,
+        aux_loss=bool(c.aux_loss),
+        bn_axis_name=bn_axis_name,
+        dtype=DTYPES[c.dtype])
+  return DEEPLAB_MODELS[c.name](
+      backbone=backbone,
       num_classes=int(num_classes),
-      feature_names=_FCN_FEATURES[_family(c.backbone)],
-      upsampling=c.upsampling,
+      atrous_rates=_rates(c),
+      feature_names=deeplab.FEATURE_NAMES[_family(c.backbone)],
+      input_scales=tuple(float(s) for s in c.input_scales),
+      freeze_bn=bool(c.freeze_bn),
       aux_loss=bool(c.aux_loss),
+      width_multiplier=float(c.width_multiplier),
+      dropout_rate=float(c.dropout_rate),
       bn_axis_name=bn_axis_name,
       dtype=DTYPES[c.dtype])

@@ -14,6 +14,9 @@ equal torchvision's (floor mode) exactly.
 output_stride (DeepLab v1 §3.1): 16 turns pool5 into a 3x3/1 (pad 1) max pool and
 dilates fc6 by 2; 8 also does this to pool4 and dilates conv5_x by 2 and fc6 by 4.
 Feature names are unchanged ('pool4', 'pool5' keep their names at stride 1).
+`fc_width` / `fc_dilation` set DeepLab v1's fc6/fc7 (LargeFOV: 1024 channels, rate 12,
+DeepLab v1 §3.2); `fc_width=0` drops fc6/fc7 (DeepLab v2's ASPP replaces them) and
+the returned dict then has no 'fc7'.
 
 Parameter names (flax -> torchvision `vgg16`/`vgg16_bn` state_dict), see
 `torchvision_names`: `convB_I/conv` -> `features.N`, `convB_I/bn` -> `features.N+1`
@@ -73,6 +76,8 @@ class VGG(nn.Module):
     fc_kernel_size: fc6 kernel size; 7 reproduces VGG's classifier, smaller
       suits tiny inputs.
     dropout_rate: after fc6 and fc7 ReLUs, train only (rng name 'dropout').
+    fc_width: fc6/fc7 channels before width scaling; 0 = no fc6/fc7.
+    fc_dilation: fc6 rate; None = the output-stride rule (1, 2 or 4).
     bn_axis_name: pmap axis for BatchNorm statistics.
     dtype: compute dtype (params stay float32).
   """
@@ -82,19 +87,23 @@ class VGG(nn.Module):
   output_stride: int = 32
   fc_kernel_size: int = 7
   dropout_rate: float = 0.5
+  fc_width: int = FC_WIDTH
+  fc_dilation: int | None = None
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
 
   def feature_strides(self) -> dict[str, int]:
     """Stride of every returned feature map w.r.t. the input."""
     strides = {f'pool{k}': min(2**k, self.output_stride) for k in range(1, 6)}
-    strides['fc7'] = strides['pool5']
+    if self.fc_width:
+      strides['fc7'] = strides['pool5']
     return strides
 
   def feature_channels(self) -> dict[str, int]:
     channels = {f'pool{k}': scale_width(c, self.width_multiplier)
                 for k, c in enumerate(STAGE_WIDTHS, start=1)}
-    channels['fc7'] = scale_width(FC_WIDTH, self.width_multiplier)
+    if self.fc_width:
+      channels['fc7'] = scale_width(self.fc_width, self.width_multiplier)
     return channels
 
   @nn.compact
@@ -121,11 +130,14 @@ class VGG(nn.Module):
         x = nn.max_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)))
         dilation *= 2
       features[f'pool{block}'] = x
+    if not self.fc_width:
+      return features
 
     fc_init = nn.initializers.normal(0.01)  # torchvision's nn.Linear init in VGG
-    fc_width = scale_width(FC_WIDTH, self.width_multiplier)
+    fc_width = scale_width(self.fc_width, self.width_multiplier)
     drop = partial(nn.Dropout, self.dropout_rate, deterministic=not train)
-    x = layers.conv2d(fc_width, self.fc_kernel_size, dilation=dilation,
+    fc_dilation = dilation if self.fc_dilation is None else self.fc_dilation
+    x = layers.conv2d(fc_width, self.fc_kernel_size, dilation=fc_dilation,
                       dtype=self.dtype, kernel_init=fc_init, name='fc6')(x)
     x = drop()(nn.relu(x))
     x = layers.conv2d(fc_width, 1, dtype=self.dtype, kernel_init=fc_init,
