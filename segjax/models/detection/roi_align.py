@@ -1,0 +1,340 @@
+"""RoIAlign (He et al., Mask R-CNN §3), numerically equal to `torchvision.ops.roi_align`.
+
+Layout. Features are NHWC `[B, H, W, C]` (torchvision: NCHW). Boxes are
+`(x1, y1, x2, y2)` in image pixels (see `boxes.py`); `spatial_scale` maps them
+to feature pixels (1/4 for a stride-4 map). Two box layouts:
+
+- `roi_align(features [B, H, W, C], boxes [B, R, 4])`: a fixed number R of
+  boxes per image, as the Mask R-CNN heads use. Output `[B, R, P, Q, C]`.
+- `roi_align_indexed(features [N, H, W, C], boxes [K, 4], box_indices [K])`:
+  torchvision's layout, each box naming its map. Output `[K, P, Q, C]`.
+
+Semantics (torchvision's, which it took from Detectron). A box's bin (p, q)
+averages `gh * gw` bilinear samples taken at the centres of a regular grid
+inside the bin. `aligned=True` shifts the box by -0.5 pixel so that sample
+positions are pixel centres (Detectron2's fix); `aligned=False` is the original
+Mask R-CNN op and forces boxes to be at least 1x1. The sampling grid is
+`sampling_ratio` per side when > 0, otherwise adaptive:
+`ceil(box_size / output_size)` per side, a number that depends on the box.
+
+Static shapes with adaptive sampling. Under `jit` the number of samples per
+bin must be fixed, so adaptive sampling evaluates `max_sampling_ratio` sample
+slots per side and masks the ones beyond the box's own `ceil(...)`. The default
+bound is `ceil(H / P)` x `ceil(W / Q)`, which is exact for every box lying
+inside the feature map (boxes clipped to the image): the result then equals
+torchvision's. A larger box is sampled with the grid clamped to the bound
+(and averaged over the samples taken). A smaller explicit bound trades that
+exactness on large boxes for speed.
+
+Two implementations, chosen with `impl=`:
+
+- 'gather': reads the 4 neighbours of every sample point (`[K, P, 2S, Q, 2S]`
+  feature rows per box, S samples per side). Cost grows with S**2: cheapest
+  for a small fixed `sampling_ratio`. Its gradient is a scatter-add.
+- 'matmul': bilinear sampling is separable, so the whole op is
+  `out[k] = Ay[k] @ F @ Ax[k].T` per channel, with interpolation matrices
+  `Ay [K, P, H]` and `Ax [K, Q, W]` that already average the samples of each
+  bin. Two dense contractions, cost O(K * P * H * W * C) independent of S, and
+  a gradient made of matmuls too. The natural choice for TPUs (matrix units,
+  slow gathers and scatters), and for adaptive sampling with a large bound.
+- 'auto': 'matmul' on TPU (by design, not measured here); on CPU and GPU the
+  choice measured in experiments/roi_align/results.md (see `_AUTO_GATHER_MAX_TAPS`).
+
+Gradients flow to the features only: boxes are wrapped in `stop_gradient`, as
+torchvision's op has no box gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+IMPLS = ('auto', 'gather', 'matmul')
+
+# 'auto' on CPU/GPU picks 'gather' while a bin has at most this many samples
+# (gh * gw) and 'matmul' above; measured in experiments/roi_align/results.md.
+_AUTO_GATHER_MAX_TAPS = 16
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+  if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+    value = (value, value)
+  if (not isinstance(value, Sequence) or len(value) != 2
+      or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1
+             for v in value)):
+    raise ValueError(f'{name}={value!r} must be a positive integer or a pair of them')
+  return int(value[0]), int(value[1])
+
+
+def check_sampling_ratio(sampling_ratio) -> int:
+  """Validates torchvision's `sampling_ratio`: a positive int, or 0 / -1 for adaptive."""
+  if (isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, numbers.Integral)
+      or sampling_ratio < -1):
+    raise ValueError(f'sampling_ratio={sampling_ratio!r} must be a positive integer '
+                     '(samples per bin side) or 0 / -1 (adaptive: ceil(box size / output size))')
+  return int(sampling_ratio)
+
+
+def check_impl(impl) -> str:
+  if impl not in IMPLS:
+    raise ValueError(f'impl={impl!r} is not valid; choose one of {list(IMPLS)}')
+  return impl
+
+
+def check_spatial_scale(spatial_scale) -> float:
+  if (isinstance(spatial_scale, bool) or not isinstance(spatial_scale, numbers.Real)
+      or not spatial_scale > 0):
+    raise ValueError(f'spatial_scale={spatial_scale!r} must be a number > 0')
+  return float(spatial_scale)
+
+
+def samples_per_side(sampling_ratio: int, output_size: tuple[int, int],
+                     feature_hw: tuple[int, int],
+                     max_sampling_ratio: int | Sequence[int] | None) -> tuple[int, int]:
+  """Static sample slots per bin side: `sampling_ratio`, or the adaptive bound."""
+  if sampling_ratio > 0:
+    return sampling_ratio, sampling_ratio
+  if max_sampling_ratio is not None:
+    return _pair(max_sampling_ratio, 'max_sampling_ratio')
+  return (max(1, math.ceil(feature_hw[0] / output_size[0])),
+          max(1, math.ceil(feature_hw[1] / output_size[1])))
+
+
+def resolve_impl(impl: str, samples: tuple[int, int]) -> str:
+  """'gather' or 'matmul' for `impl` ('auto' decided per backend and samples per bin)."""
+  impl = check_impl(impl)
+  if impl != 'auto':
+    return impl
+  if jax.default_backend() == 'tpu':
+    return 'matmul'
+  return 'gather' if samples[0] * samples[1] <= _AUTO_GATHER_MAX_TAPS else 'matmul'
+
+
+def ieee_divide(numerator: jax.Array, denominator) -> jax.Array:
+  """`numerator / denominator` correctly rounded, as torchvision's C++ computes it.
+
+  XLA rewrites a division by a broadcast value (a scalar, or [K, 1] against
+  [K, P]) into a multiplication by its reciprocal, which can be 1 ulp off; that
+  moves `ceil`/`floor` at exact multiples (`ceil(21 / 7)` becomes 4 in float32). A
+  full-shape divisor behind an optimization barrier keeps a true division.
+  """
+  shape = jnp.broadcast_shapes(jnp.shape(numerator), jnp.shape(denominator))
+  dtype = jnp.result_type(numerator, denominator)
+  denominator = jax.lax.optimization_barrier(jnp.broadcast_to(
+      jnp.asarray(denominator, dtype), shape))
+  return jnp.broadcast_to(numerator, shape) / denominator
+
+
+class AxisSamples(NamedTuple):
+  """Bilinear taps along one axis: for box k, bin p, sample s, the two
+  neighbouring pixel indices and their weights. Weights already include the
+  bin average (1 / grid) and are 0 for masked or out-of-map samples.
+  Each field is [K, P, S]."""
+  low: jax.Array
+  high: jax.Array
+  w_low: jax.Array
+  w_high: jax.Array
+
+
+def axis_samples(start: jax.Array, end: jax.Array, size: int | jax.Array, num_bins: int,
+                 sampling_ratio: int, num_samples: int, aligned: bool) -> AxisSamples:
+  """Sample taps along one axis of K boxes.
+
+  Args:
+    start, end: [K] box extent in feature pixels, already scaled and, if
+      `aligned`, shifted by -0.5.
+    size: the feature map's extent along this axis (int, or [K] per box).
+    num_bins: output bins along this axis.
+    sampling_ratio: > 0 fixed, else adaptive.
+    num_samples: static sample slots per bin (== sampling_ratio when fixed).
+    aligned: torchvision's `aligned` (when False, boxes are at least 1 pixel).
+  """
+  length = end - start
+  if not aligned:
+    length = jnp.maximum(length, 1.0)
+  bin_size = ieee_divide(length, num_bins)
+  if sampling_ratio > 0:
+    grid = jnp.full(start.shape, sampling_ratio, jnp.int32)
+  else:
+    grid = jnp.minimum(jnp.ceil(bin_size).astype(jnp.int32), num_samples)
+  grid_f = grid.astype(start.dtype)[:, None, None]
+  size = jnp.asarray(size)
+  size_k = (size if size.ndim == 0 else size[:, None, None])
+  size_f = size_k.astype(start.dtype)
+  bins = jnp.arange(num_bins, dtype=start.dtype)[None, :, None]
+  taps = jnp.arange(num_samples, dtype=start.dtype)[None, None, :]
+  # torchvision's order of operations: start + p * bin + (s + .5) * bin / grid.
+  coord = (start[:, None, None] + bins * bin_size[:, None, None]
+           + ieee_divide((taps + 0.5) * bin_size[:, None, None], grid_f))
+  inside = (coord >= -1.0) & (coord <= size_f)
+  used = jnp.arange(num_samples)[None, None, :] < grid[:, None, None]
+  coord = jnp.clip(coord, 0.0, size_f)
+  low = jnp.floor(coord).astype(jnp.int32)
+  at_edge = low >= size_k - 1
+  low = jnp.where(at_edge, size_k - 1, low)
+  high = jnp.where(at_edge, size_k - 1, low + 1)
+  frac = jnp.where(at_edge, 0.0, coord - low.astype(coord.dtype))
+  scale = jnp.where(inside & used, 1.0 / jnp.maximum(grid_f, 1.0), 0.0)
+  return AxisSamples(low, high, (1.0 - frac) * scale, frac * scale)
+
+
+def coordinate_dtype(features_dtype) -> jnp.dtype:
+  """Sample positions and weights are computed in float32, or float64 for float64 maps."""
+  return jnp.promote_types(features_dtype, jnp.float32)
+
+
+def scaled_box_extents(boxes: jax.Array, spatial_scale, aligned: bool, dtype=jnp.float32):
+  """(x1, y1, x2, y2) of boxes [K, 4] in feature pixels, each [K] of `dtype`."""
+  boxes = jax.lax.stop_gradient(boxes.astype(dtype))
+  offset = 0.5 if aligned else 0.0
+  scaled = boxes * spatial_scale - offset
+  return scaled[:, 0], scaled[:, 1], scaled[:, 2], scaled[:, 3]
+
+
+def gather_pool(flat_features: jax.Array, base: jax.Array, row_stride: jax.Array | int,
+                ys: AxisSamples, xs: AxisSamples) -> jax.Array:
+  """'gather' RoIAlign: weighted sum of the 4 neighbours of every sample.
+
+  Args:
+    flat_features: [N, C], the maps flattened row-major (pixel (h, w) of a map
+      at `base + h * row_stride + w`).
+    base: [K] offset of each box's map in `flat_features`.
+    row_stride: width of each box's map (int or [K]).
+    ys: taps along y, fields [K, P, Sy]; xs: along x, [K, Q, Sx].
+
+  Returns:
+    [K, P, Q, C] in the features' dtype.
+  """
+  num_boxes = base.shape[0]
+  rows = jnp.stack([ys.low, ys.high], axis=-1).reshape(num_boxes, ys.low.shape[1], -1)
+  wy = jnp.stack([ys.w_low, ys.w_high], axis=-1).reshape(rows.shape)
+  cols = jnp.stack([xs.low, xs.high], axis=-1).reshape(num_boxes, xs.low.shape[1], -1)
+  wx = jnp.stack([xs.w_low, xs.w_high], axis=-1).reshape(cols.shape)
+  stride = jnp.asarray(row_stride, jnp.int32)
+  stride = stride if stride.ndim == 0 else stride[:, None, None]
+  row_offsets = base[:, None, None] + rows * stride  # [K, P, Ty]
+  index = row_offsets[:, :, :, None, None] + cols[:, None, None, :, :]  # [K, P, Ty, Q, Tx]
+  values = flat_features[index].astype(wy.dtype)  # [K, P, Ty, Q, Tx, C]
+  weights = wy[:, :, :, None, None] * wx[:, None, None, :, :]
+  out = jnp.sum(values * weights[..., None], axis=(2, 4))
+  return out.astype(flat_features.dtype)
+
+
+def interpolation_matrix(samples: AxisSamples, size: int) -> jax.Array:
+  """Dense [K, P, size] matrix: bin p's average of its samples' bilinear weights."""
+  pixels = jnp.arange(size, dtype=jnp.int32)
+  weights = (jnp.where(samples.low[..., None] == pixels, samples.w_low[..., None], 0.0)
+             + jnp.where(samples.high[..., None] == pixels, samples.w_high[..., None], 0.0))
+  return jnp.sum(weights, axis=2)  # sum over samples
+
+
+def _roi_align_inputs(features, output_size, spatial_scale, sampling_ratio, impl,
+                      max_sampling_ratio):
+  if features.ndim != 4:
+    raise ValueError(f'RoIAlign features must be NHWC [B, H, W, C], got shape {features.shape}')
+  output_size = _pair(output_size, 'output_size')
+  spatial_scale = check_spatial_scale(spatial_scale)
+  sampling_ratio = check_sampling_ratio(sampling_ratio)
+  samples = samples_per_side(sampling_ratio, output_size, features.shape[1:3],
+                             max_sampling_ratio)
+  return output_size, spatial_scale, sampling_ratio, samples, resolve_impl(impl, samples)
+
+
+def _taps(boxes, height, width, output_size, spatial_scale, sampling_ratio, samples, aligned,
+          dtype):
+  x1, y1, x2, y2 = scaled_box_extents(boxes, spatial_scale, aligned, coordinate_dtype(dtype))
+  ys = axis_samples(y1, y2, height, output_size[0], sampling_ratio, samples[0], aligned)
+  xs = axis_samples(x1, x2, width, output_size[1], sampling_ratio, samples[1], aligned)
+  return ys, xs
+
+
+_STATIC = ('output_size', 'spatial_scale', 'sampling_ratio', 'aligned', 'impl',
+           'max_sampling_ratio', 'precision')
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def roi_align(features: jax.Array, boxes: jax.Array, output_size: int | Sequence[int], *,
+              spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False,
+              impl: str = 'auto', max_sampling_ratio: int | Sequence[int] | None = None,
+              precision: jax.lax.PrecisionLike = jax.lax.Precision.HIGHEST) -> jax.Array:
+  """RoIAlign of R boxes per image.
+
+  Args:
+    features: [B, H, W, C].
+    boxes: [B, R, 4] `(x1, y1, x2, y2)` in image pixels (no gradient).
+    output_size: P or (P, Q) bins.
+    spatial_scale: feature pixels per image pixel (static).
+    sampling_ratio: samples per bin side; 0 or -1 adaptive (see module doc).
+    aligned: shift boxes by -0.5 pixel (pixel-centre alignment).
+    impl: 'gather', 'matmul' or 'auto' (see module doc).
+    max_sampling_ratio: adaptive sampling only: static bound (int or pair) on
+      samples per bin side; None derives the exact bound from the map size.
+    precision: of the 'matmul' contractions (HIGHEST keeps float32 exact on TPU).
+
+  Returns:
+    [B, R, P, Q, C] in the features' dtype.
+  """
+  output_size, spatial_scale, sampling_ratio, samples, impl = _roi_align_inputs(
+      features, output_size, spatial_scale, sampling_ratio, impl, max_sampling_ratio)
+  if boxes.ndim != 3 or boxes.shape[0] != features.shape[0] or boxes.shape[-1] != 4:
+    raise ValueError(f'roi_align: boxes must have shape [B={features.shape[0]}, R, 4], '
+                     f'got {boxes.shape}')
+  batch, height, width, channels = features.shape
+  num_rois = boxes.shape[1]
+  ys, xs = _taps(boxes.reshape(-1, 4), height, width, output_size, spatial_scale,
+                 sampling_ratio, samples, aligned, features.dtype)
+  if impl == 'gather':
+    base = jnp.repeat(jnp.arange(batch, dtype=jnp.int32) * (height * width), num_rois)
+    out = gather_pool(features.reshape(-1, channels), base, width, ys, xs)
+    return out.reshape(batch, num_rois, *output_size, channels)
+  ay = interpolation_matrix(ys, height).reshape(batch, num_rois, output_size[0], height)
+  ax = interpolation_matrix(xs, width).reshape(batch, num_rois, output_size[1], width)
+  ay, ax = ay.astype(features.dtype), ax.astype(features.dtype)
+  rows = jnp.einsum('brph,bhwc->brpwc', ay, features, precision=precision)
+  return jnp.einsum('brqw,brpwc->brpqc', ax, rows, precision=precision)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def roi_align_indexed(features: jax.Array, boxes: jax.Array, box_indices: jax.Array,
+                      output_size: int | Sequence[int], *, spatial_scale: float = 1.0,
+                      sampling_ratio: int = -1, aligned: bool = False, impl: str = 'auto',
+                      max_sampling_ratio: int | Sequence[int] | None = None,
+                      precision: jax.lax.PrecisionLike = jax.lax.Precision.HIGHEST
+                      ) -> jax.Array:
+  """RoIAlign in torchvision's layout: box k reads map `box_indices[k]`.
+
+  Used where each box has its own source map, e.g. Mask R-CNN mask targets
+  (a box reads its matched ground-truth mask). 'matmul' gathers one map per
+  box (`[K, H, W, C]` memory); 'gather' reads the maps in place.
+
+  Args:
+    features: [N, H, W, C].
+    boxes: [K, 4] image pixels.
+    box_indices: [K] int in [0, N).
+    other arguments: as `roi_align`.
+
+  Returns:
+    [K, P, Q, C].
+  """
+  output_size, spatial_scale, sampling_ratio, samples, impl = _roi_align_inputs(
+      features, output_size, spatial_scale, sampling_ratio, impl, max_sampling_ratio)
+  if boxes.ndim != 2 or boxes.shape[-1] != 4 or box_indices.shape != boxes.shape[:1]:
+    raise ValueError(f'roi_align_indexed: boxes must be [K, 4] and box_indices [K], got '
+                     f'{boxes.shape} and {box_indices.shape}')
+  _, height, width, channels = features.shape
+  box_indices = box_indices.astype(jnp.int32)
+  ys, xs = _taps(boxes, height, width, output_size, spatial_scale, sampling_ratio,
+                 samples, aligned, features.dtype)
+  if impl == 'gather':
+    return gather_pool(features.reshape(-1, channels), box_indices * (height * width),
+                       width, ys, xs)
+  ay = interpolation_matrix(ys, height).astype(features.dtype)
+  ax = interpolation_matrix(xs, width).astype(features.dtype)
+  rows = jnp.einsum('kph,khwc->kpwc', ay, features[box_indices], precision=precision)
+  return jnp.einsum('kqw,kpwc->kpqc', ax, rows, precision=precision)
