@@ -124,6 +124,7 @@ def test_lattice_neighbors_are_one_step_apart():
         assert neighbors[j, side, i] == want
         found += want != size
   assert found > 100                       # the check saw many real neighbours
+  assert neighbors.shape == (6, 2, size + 1)
   assert (neighbors[:, :, num_points:] == size).all()
 
 

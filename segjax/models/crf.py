@@ -372,8 +372,9 @@ class Lattice:
   Attributes:
     vertex_ids: [N, d+1] int32, lattice index of each pixel's simplex vertices.
     weights: [N, d+1] barycentric weights.
-    neighbors: [d+1, 2, M] int32, index of the -u_j / +u_j neighbour of each
-      lattice point along direction j; M where there is none.
+    neighbors: [d+1, 2, M+1] int32, index of the -u_j / +u_j neighbour of each
+      lattice point along direction j; M where there is none. Slot M is an
+      always-zero value, its own neighbour.
     size: M, the static number of lattice slots (used ones, then padding).
   """
 
@@ -388,7 +389,7 @@ _PAD_COORD = 1 << 20   # coordinate of unused lattice slots: further than any re
 def lattice_vertices(features: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Numbers the distinct simplex vertices of one image's [N, d] features.
 
-  One lexicographic sort of all N (d+1) vertex keys; ids follow that order.
+  One sort of all N (d+1) vertex keys; ids follow that order.
 
   Returns:
     vertex_ids: [N, d+1] int32 in [0, num_points).
@@ -399,11 +400,31 @@ def lattice_vertices(features: jax.Array) -> tuple[jax.Array, jax.Array, jax.Arr
   vertices, weights = enclosing_simplex(features)
   n, dp1, _ = vertices.shape
   size = n * dp1
-  keys = vertices.reshape(size, dp1)
-  # The last coordinate is minus the sum of the others: d keys identify a vertex.
-  sorted_ops = jax.lax.sort(tuple(keys[:, c] for c in range(dp1 - 1))
-                            + (jnp.arange(size, dtype=jnp.int32),), num_keys=dp1 - 1)
-  sorted_keys, order = jnp.stack(sorted_ops[:-1], axis=-1), sorted_ops[-1]
+  # The last coordinate is minus the sum of the others: d coordinates identify a vertex.
+  keys = vertices[:, :, :-1].reshape(size, dp1 - 1)
+  entries = jnp.arange(size, dtype=jnp.int32)
+  remainder = entries % dp1                  # vertex k has all coordinates = k mod d+1
+  steps = (keys - remainder[:, None]) // dp1
+  low = jnp.min(steps, axis=0)
+  span = jnp.max(steps, axis=0) - low + 1
+
+  def packed_order():
+    # (remainder, steps - low) as one mixed-radix int32: a 1-key sort, ~3x
+    # faster than the d-key one on the CPU.
+    key = remainder
+    for c in range(dp1 - 1):
+      key = key * span[c] + (steps[:, c] - low[c])
+    return jax.lax.sort((key, entries), num_keys=1)[1]
+
+  def lexicographic_order():
+    return jax.lax.sort(tuple(keys[:, c] for c in range(dp1 - 1)) + (entries,),
+                        num_keys=dp1 - 1)[-1]
+
+  # The packed key fits int32 for DeepLab's thetas at VOC sizes (6.8e7 for the
+  # 512 x 512 benchmark scene); wider feature ranges take the d-key sort.
+  fits = dp1 * jnp.prod(span.astype(jnp.float32)) < 2.0 ** 30
+  order = jax.lax.cond(fits, packed_order, lexicographic_order)
+  sorted_keys = keys[order]
   new = jnp.concatenate([jnp.ones((1,), bool),
                          jnp.any(sorted_keys[1:] != sorted_keys[:-1], axis=-1)])
   sorted_ids = jnp.cumsum(new.astype(jnp.int32)) - 1
@@ -414,7 +435,9 @@ def lattice_vertices(features: jax.Array) -> tuple[jax.Array, jax.Array, jax.Arr
 
 
 def lattice_neighbors(points: jax.Array) -> jax.Array:
-  """[M, d+1] lattice points -> [d+1, 2, M] ids of their -u_j / +u_j neighbours (M: none).
+  """[M, d+1] lattice points -> [d+1, 2, M+1] ids of their -u_j / +u_j neighbours (M: none).
+
+  Entry M (the zero slot of `lattice_filter`) is M.
 
   Per direction j, one sort by (line along u_j, position on it) puts lattice
   points that are neighbours on that line next to each other.
@@ -433,8 +456,8 @@ def lattice_neighbors(points: jax.Array) -> jax.Array:
     for key in line_sorted:
       adjacent &= key[1:] == key[:-1]
     lower, upper = ids_sorted[:-1], ids_sorted[1:]
-    plus = jnp.full((size,), size, jnp.int32).at[lower].set(jnp.where(adjacent, upper, size))
-    minus = jnp.full((size,), size, jnp.int32).at[upper].set(jnp.where(adjacent, lower, size))
+    plus = jnp.full((size + 1,), size, jnp.int32).at[lower].set(jnp.where(adjacent, upper, size))
+    minus = jnp.full((size + 1,), size, jnp.int32).at[upper].set(jnp.where(adjacent, lower, size))
     neighbors.append(jnp.stack([minus, plus]))
   return jnp.stack(neighbors)
 
@@ -483,15 +506,22 @@ def lattice_filter(lattice: Lattice, values: jax.Array) -> jax.Array:
   Returns:
     [N, C].
   """
-  n, dp1 = lattice.weights.shape
-  splat = (lattice.weights[:, :, None] * values[:, None, :]).reshape(n * dp1, -1)
-  grid = jax.ops.segment_sum(splat, lattice.vertex_ids.reshape(-1), num_segments=lattice.size)
+  dp1 = lattice.weights.shape[1]
+  # Row M of the grid is the "no neighbour" slot and stays zero. Splat and
+  # slice loop over the d+1 vertices rather than build an [N, d+1, C] array:
+  # 4-20x faster on the CPU at 512 x 512.
+  grid = jnp.zeros((lattice.size + 1, values.shape[-1]), values.dtype)
+  for k in range(dp1):
+    grid = grid.at[lattice.vertex_ids[:, k]].add(
+        lattice.weights[:, k:k + 1] * values, mode='promise_in_bounds')
   for j in range(dp1):
-    lower = jnp.take(grid, lattice.neighbors[j, 0], axis=0, mode='fill', fill_value=0)
-    upper = jnp.take(grid, lattice.neighbors[j, 1], axis=0, mode='fill', fill_value=0)
+    lower = jnp.take(grid, lattice.neighbors[j, 0], axis=0, mode='clip')
+    upper = jnp.take(grid, lattice.neighbors[j, 1], axis=0, mode='clip')
     grid = 0.5 * grid + 0.25 * (lower + upper)
-  sliced = jnp.take(grid, lattice.vertex_ids, axis=0)                       # [N, d+1, C]
-  out = jnp.sum(lattice.weights[:, :, None] * sliced, axis=1)
+  out = 0.0
+  for k in range(dp1):
+    out = out + lattice.weights[:, k:k + 1] * jnp.take(
+        grid, lattice.vertex_ids[:, k], axis=0, mode='clip')
   return out * _lattice_mass_scale(dp1 - 1)
 
 
