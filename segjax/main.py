@@ -13,7 +13,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from segjax.train import trainer
+from segjax.train import detection_trainer, trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:preset]).',
                                           lock_config=True)
@@ -36,6 +36,10 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   if not _LIBRARY_LOGS.value:
     logging.get_absl_handler().addFilter(_OnlySegjaxInfo())
+  if detection_trainer.is_instance_config(_CONFIG.value):
+    metrics = detection_trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    logging.info('final eval: %s', detection_trainer.format_metrics(metrics))
+    return
   metrics = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   logging.info('final eval: miou=%.4f pixel_accuracy=%.4f', metrics['miou'],
                metrics['pixel_accuracy'])

@@ -1,0 +1,159 @@
+"""COCO box and mask AP through pycocotools (the reference implementation, never rewritten).
+
+    gt = ground_truth_from_source(source)            # pycocotools COCO, RLE masks
+    results = detections_to_coco(outputs, batch)     # padded model outputs -> COCO dicts
+    metrics = evaluate(gt, results, iou_types=('bbox', 'segm'))
+    metrics['bbox_AP'], metrics['segm_AP50'], ...
+
+Ground truth: one COCO image per record (`image_id` of the record), one annotation per
+object with its RLE mask (`pycocotools.mask.encode`), bbox [x, y, w, h] in pixels from
+the normalised (ymin, xmin, ymax, xmax), area = mask area, iscrowd 0, category_id =
+dataset label + 1 (the model's class index; 0 is background).
+
+Detections: boxes are mapped back to the original image (divided by the resize
+scale); masks are pasted at the original resolution (`mask_rcnn.paste_masks_in_image`,
+bilinear) and thresholded at 0.5, then RLE-encoded. Segmentation results are scored
+with `segm_score_key` ('scores' = class confidence; 'mask_scores' = Mask Scoring
+R-CNN's cls score x MaskIoU, §3.3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+from collections.abc import Iterable, Sequence
+import jax
+import numpy as np
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from segjax.models.detection.mask_rcnn import paste_masks_in_image
+
+STAT_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
+IOU_TYPES = ('bbox', 'segm')
+
+
+def encode_masks(masks: np.ndarray) -> list[dict]:
+  """[N, H, W] binary masks -> N COCO RLEs (counts as str, JSON-friendly)."""
+  if len(masks) == 0:
+    return []
+  rles = mask_utils.encode(np.asfortranarray(np.moveaxis(masks.astype(np.uint8), 0, -1)))
+  for rle in rles:
+    rle['counts'] = rle['counts'].decode('ascii')
+  return rles
+
+
+def coco_from_annotations(images: list[dict], annotations: list[dict],
+                          category_ids: Sequence[int]) -> COCO:
+  """An in-memory pycocotools COCO ground truth."""
+  coco = COCO()
+  coco.dataset = {'images': images, 'annotations': annotations,
+                  'categories': [{'id': int(c), 'name': str(c)} for c in category_ids]}
+  with contextlib.redirect_stdout(io.StringIO()):
+    coco.createIndex()
+  return coco
+
+
+def ground_truth_from_source(source: Iterable[dict], num_classes: int) -> COCO:
+  """COCO ground truth of a TFDS instance-segmentation split (`digit_scenes` records)."""
+  images, annotations = [], []
+  for record in source:
+    image_id = int(record['image_id'])
+    height, width = record['image'].shape[:2]
+    images.append({'id': image_id, 'height': int(height), 'width': int(width)})
+    objects = record['objects']
+    masks = np.stack([np.asarray(m).reshape(height, width) for m in objects['mask']]
+                     ) if len(objects['mask']) else np.zeros((0, height, width), np.uint8)
+    for bbox, label, rle, m in zip(objects['bbox'], objects['label'], encode_masks(masks),
+                                   masks):
+      ymin, xmin, ymax, xmax = (float(v) for v in bbox)
+      x, y = xmin * width, ymin * height
+      annotations.append({
+          'id': len(annotations) + 1, 'image_id': image_id, 'category_id': int(label) + 1,
+          'bbox': [x, y, xmax * width - x, ymax * height - y], 'area': float(m.sum()),
+          'segmentation': rle, 'iscrowd': 0})
+  return coco_from_annotations(images, annotations, range(1, num_classes))
+
+
+@functools.partial(jax.jit, static_argnames=('image_size',))
+def _paste(mask_probs, boxes, image_size):
+  return paste_masks_in_image(mask_probs, boxes, image_size) > 0.5
+
+
+def detections_to_coco(outputs: dict[str, np.ndarray], batch: dict[str, np.ndarray], *,
+                       segm_score_key: str = 'scores') -> list[dict]:
+  """Padded model outputs of one batch -> COCO result dicts (bbox and, with masks, segm).
+
+  Args:
+    outputs: host arrays 'boxes' [B, D, 4], 'scores', 'labels', 'valid' [B, D], optional
+      'mask_probs' [B, D, m, m] and 'mask_scores' [B, D].
+    batch: the input batch: 'image_id' [B] (-1: padding, skipped), 'scale' [B, 2],
+      'orig_size' [B, 2].
+  Returns:
+    dicts {'image_id', 'category_id', 'bbox' [x, y, w, h], 'score'[, 'segmentation',
+    'segm_score']}.
+  """
+  results = []
+  for i, image_id in enumerate(np.asarray(batch['image_id'])):
+    if image_id < 0:
+      continue
+    valid = np.asarray(outputs['valid'][i], bool)
+    if not valid.any():
+      continue
+    sy, sx = (float(s) for s in batch['scale'][i])
+    boxes = np.asarray(outputs['boxes'][i], np.float32)[valid] / np.asarray([sx, sy, sx, sy],
+                                                                            np.float32)
+    scores = np.asarray(outputs['scores'][i])[valid]
+    labels = np.asarray(outputs['labels'][i])[valid]
+    rles = [None] * len(boxes)
+    segm_scores = scores
+    if 'mask_probs' in outputs:
+      height, width = (int(s) for s in batch['orig_size'][i])
+      masks = np.asarray(_paste(np.asarray(outputs['mask_probs'][i])[valid], boxes,
+                                (height, width)))
+      rles = encode_masks(masks)
+      segm_scores = np.asarray(outputs[segm_score_key][i])[valid]
+    for box, score, label, rle, segm_score in zip(boxes, scores, labels, rles, segm_scores):
+      x1, y1, x2, y2 = (float(v) for v in box)
+      result = {'image_id': int(image_id), 'category_id': int(label),
+                'bbox': [x1, y1, x2 - x1, y2 - y1], 'score': float(score)}
+      if rle is not None:
+        result['segmentation'] = rle
+        result['segm_score'] = float(segm_score)
+      results.append(result)
+  return results
+
+
+def evaluate(ground_truth: COCO, results: list[dict],
+             iou_types: Sequence[str] = IOU_TYPES) -> dict[str, float]:
+  """COCOeval per IoU type -> {'bbox_AP', 'bbox_AP50', 'bbox_AP75', 'bbox_APs', ...}.
+
+  'segm' uses each result's 'segm_score' when present. No detections: every AP is 0.
+  """
+  metrics: dict[str, float] = {}
+  for iou_type in iou_types:
+    if iou_type not in IOU_TYPES:
+      raise ValueError(f'iou_type={iou_type!r} is not one of {IOU_TYPES}')
+    if iou_type == 'segm':
+      # Without 'bbox', loadRes takes the area (for APs/m/l) from the mask.
+      dets = [{'image_id': r['image_id'], 'category_id': r['category_id'],
+               'segmentation': r['segmentation'], 'score': r.get('segm_score', r['score'])}
+              for r in results if 'segmentation' in r]
+    else:
+      dets = [{k: v for k, v in r.items() if k not in ('segmentation', 'segm_score')}
+              for r in results]
+    if not dets:
+      metrics.update({f'{iou_type}_{name}': 0.0 for name in STAT_NAMES})
+      continue
+    with contextlib.redirect_stdout(io.StringIO()):
+      detections = ground_truth.loadRes(dets)
+      coco_eval = COCOeval(ground_truth, detections, iou_type)
+      coco_eval.evaluate()
+      coco_eval.accumulate()
+      coco_eval.summarize()
+    for name, value in zip(STAT_NAMES, coco_eval.stats):
+      # pycocotools reports -1 where no ground truth falls in a size range.
+      metrics[f'{iou_type}_{name}'] = float(value)
+  return metrics

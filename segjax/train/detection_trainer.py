@@ -1,0 +1,314 @@
+"""Training loop of the detectors: train step, parallel drivers, COCO evaluation, resume.
+
+The same shape as `segjax.train.trainer` (which serves the semantic models): one pure
+train step `(state, batch) -> (state, metrics)` wrapped by the pmap or jit driver of
+`segjax.train.parallel`, Orbax checkpoints of state + input-iterator position
+(`checkpoints.Checkpointer`), WORKDIR/metrics.jsonl (`metric_writer`), and a periodic
+COCO evaluation of the validation split through pycocotools (`evaluation.coco_eval`).
+
+Data-parallel semantics: every loss term is (sum over this device's images) / (global
+count), so the psum of per-device gradients is the global-batch gradient, and pmap and
+jit give the same numbers. Each image's anchor / RoI sampling key is
+fold_in(step key, global image index), the same whichever driver or device count runs.
+
+Evaluation runs on a single JAX process (multi-host evaluation would need an
+all-gather of detections; not implemented).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax import lax
+
+from segjax import detection_config
+from segjax.data import instance_pipeline, sources
+from segjax.evaluation import coco_eval
+from segjax.models.detection import mask_rcnn
+from segjax.train import checkpoints, metric_writer, optimizers, parallel
+from segjax.train.state import TrainState
+
+_MAX_STEPS_IN_FLIGHT = 8  # see trainer.py: sync often on simulated CPU devices
+# Outputs fetched from the device at evaluation (proposals stay there).
+_EVAL_OUTPUTS = ('boxes', 'scores', 'labels', 'valid', 'mask_probs', 'mask_scores')
+
+
+def is_instance_config(config) -> bool:
+  """True for a detection config (`config.task == 'instance'`); segjax.main dispatches on it."""
+  return config.get('task', 'semantic') == detection_config.TASK
+
+
+def build_model(config):
+  return mask_rcnn.build_detector(config.model, num_classes=config.dataset.num_classes,
+                                  bn_axis_name=parallel.bn_axis_name(config.parallel))
+
+
+def learning_rate_schedule(opt_config, num_train_steps: int) -> optax.Schedule:
+  """optimizers.learning_rate_schedule plus 'step': warmup, then x decay_factor at decay_steps."""
+  if opt_config.schedule != 'step':
+    return optimizers.learning_rate_schedule(opt_config, num_train_steps)
+  base = opt_config.learning_rate
+  boundaries = {int(s): float(opt_config.decay_factor) for s in opt_config.decay_steps}
+  main = optax.piecewise_constant_schedule(base, boundaries)
+  warmup = min(int(opt_config.warmup_steps), num_train_steps)
+  if warmup == 0:
+    return main
+  # Detectron's linear warmup: factor w -> 1 over the first steps, applied to the main lr.
+  ramp = optax.linear_schedule(opt_config.warmup_init_factor, 1.0, warmup)
+  return lambda step: main(step) * jnp.where(step < warmup, ramp(step), 1.0)
+
+
+def build_optimizer(opt_config, num_train_steps: int) -> optax.GradientTransformation:
+  """optimizers.build_optimizer with `learning_rate_schedule` above."""
+  detection_config.validate_detection_optimizer(opt_config)
+  schedule = learning_rate_schedule(opt_config, num_train_steps)
+  if opt_config.name == 'sgd':
+    tx = optax.chain(
+        optax.add_decayed_weights(opt_config.weight_decay, mask=optimizers.decay_mask),
+        optax.sgd(schedule, momentum=opt_config.momentum or None, nesterov=opt_config.nesterov))
+  else:
+    tx = optax.adamw(schedule, b1=opt_config.b1, b2=opt_config.b2,
+                     weight_decay=opt_config.weight_decay, mask=optimizers.decay_mask)
+  if opt_config.grad_clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(opt_config.grad_clip_norm), tx)
+  return tx
+
+
+def create_state(config) -> TrainState:
+  """The initial TrainState (host arrays); init is jitted (eager init of the NMS loops is slow)."""
+  model = build_model(config)
+  tx = build_optimizer(config.optimizer, config.num_train_steps)
+  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  height, width = config.dataset.pad_size
+  init = jax.jit(functools.partial(model.init, train=False))
+  variables = jax.device_get(init({'params': init_rng}, jnp.zeros((1, height, width, 3))))
+  params = variables['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
+                    rng=state_rng, apply_fn=model.apply, tx=tx)
+
+
+def zero_batch_norm_grads(grads, batch_stats):
+  """Zeroes the gradients of every module owning BatchNorm statistics (frozen BN)."""
+  owners = {path[:-1] for path in flax.traverse_util.flatten_dict(batch_stats)}
+  flat = flax.traverse_util.flatten_dict(grads)
+  return flax.traverse_util.unflatten_dict(
+      {p: jnp.zeros_like(g) if p[:-1] in owners else g for p, g in flat.items()})
+
+
+def sampling_keys(rng: jax.Array, batch_size: int, axis_name: str | None) -> jax.Array:
+  """[B] per-image keys fold_in(rng, global image index)."""
+  offset = 0 if axis_name is None else lax.axis_index(axis_name) * batch_size
+  return jax.vmap(lambda i: jax.random.fold_in(rng, i))(offset + jnp.arange(batch_size))
+
+
+def targets_from_batch(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  return {'boxes': batch['gt_boxes'], 'labels': batch['gt_labels'], 'valid': batch['gt_valid'],
+          'masks': batch['gt_masks']}
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, axis_name: str | None = None,
+               freeze_bn: bool = False, learning_rate_fn=None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on a batch of `instance_pipeline` (global-batch losses)."""
+  step_rng = jax.random.fold_in(state.rng, state.step)
+  keys = sampling_keys(step_rng, batch['image'].shape[0], axis_name)
+
+  def global_sum(x):
+    return x if axis_name is None else lax.psum(x, axis_name)
+
+  def loss_fn(params):
+    outputs, mutated = state.apply_fn(
+        {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
+        image_sizes=batch['image_size'], targets=targets_from_batch(batch),
+        sampling_keys=keys, mutable=['batch_stats'])
+    losses = mask_rcnn.finalize_losses(outputs['loss_terms'], axis_name)
+    return losses['loss'], (losses, mutated.get('batch_stats', {}))
+
+  (_, (losses, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grads = global_sum(grads)
+  if freeze_bn:
+    grads = zero_batch_norm_grads(grads, state.batch_stats)
+    batch_stats = state.batch_stats
+  new_state = state.apply_gradients(grads, batch_stats=batch_stats)
+  metrics = {name: global_sum(value) for name, value in losses.items()}
+  metrics['grad_norm'] = optax.global_norm(grads)
+  metrics['num_gt'] = global_sum(jnp.sum(batch['gt_valid'], dtype=jnp.float32))
+  if learning_rate_fn is not None:
+    metrics['learning_rate'] = learning_rate_fn(state.step)
+  return new_state, metrics
+
+
+def bind_train_step(config, learning_rate_fn=None):
+  return functools.partial(train_step, freeze_bn=bool(config.model.freeze_bn),
+                           learning_rate_fn=learning_rate_fn)
+
+
+def predict(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Inference outputs of a batch (padded detections, 28x28 mask probabilities)."""
+  out = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
+                       batch['image'], train=False, image_sizes=batch['image_size'])
+  return {k: v for k, v in out.items() if k in _EVAL_OUTPUTS}
+
+
+class Predictor:
+  """`predict` under the same parallelism as the driver's train step; host outputs [b, ...]."""
+
+  def __init__(self, driver):
+    self.driver = driver
+    self.pmap = isinstance(driver, parallel.PmapDriver)
+    if self.pmap:
+      self._fn = jax.pmap(predict, axis_name=parallel.PMAP_AXIS)
+    else:
+      self._fn = jax.jit(predict, in_shardings=(driver.replicated, driver.data_sharding),
+                         out_shardings=driver.data_sharding)
+
+  def __call__(self, device_state, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    device_batch = self.driver.put_batch({'image': batch['image'],
+                                          'image_size': batch['image_size']})
+    out = jax.device_get(self._fn(device_state, device_batch))
+    if self.pmap:
+      out = {k: v.reshape((-1,) + v.shape[2:]) for k, v in out.items()}
+    return out
+
+
+def segm_score_key(config) -> str:
+  """MS R-CNN ranks masks by cls score x MaskIoU (§3.3); the others by the cls score."""
+  return 'mask_scores' if config.model.name == 'ms_rcnn' else 'scores'
+
+
+def evaluate(predictor: Predictor, device_state, eval_loader, ground_truth, *,
+             iou_types, segm_score_key: str = 'scores') -> dict[str, float]:
+  """COCO metrics of the whole eval split. With MaskIoU scores, also 'segm_cls_score_*'
+  (the same masks ranked by the class score) to show what rescoring changes."""
+  results = []
+  for batch in eval_loader:
+    outputs = predictor(device_state, batch)
+    results += coco_eval.detections_to_coco(outputs, batch, segm_score_key=segm_score_key)
+  metrics = coco_eval.evaluate(ground_truth, results, iou_types)
+  if segm_score_key != 'scores' and 'segm' in iou_types:
+    plain = [dict(r, segm_score=r['score']) for r in results]
+    metrics.update({k.replace('segm_', 'segm_cls_score_'): v for k, v in
+                    coco_eval.evaluate(ground_truth, plain, ('segm',)).items()})
+  return metrics
+
+
+def iou_types(config) -> tuple[str, ...]:
+  return ('bbox',) if config.model.name == 'faster_rcnn' else ('bbox', 'segm')
+
+
+def build_ground_truth(config):
+  c = config.dataset
+  source = sources.load_data_source(c.name, c.eval_split, c.data_dir)
+  return coco_eval.ground_truth_from_source((source[i] for i in range(len(source))),
+                                            c.num_classes)
+
+
+def _drop_records_after(path: str, step: int) -> None:
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
+  with open(path, 'w') as f:
+    f.writelines(lines)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains a detector in `workdir` (resuming from its checkpoints); returns final COCO metrics."""
+  detection_config.validate_detection_config(config)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  state = create_state(config)
+  lr_fn = learning_rate_schedule(config.optimizer, config.num_train_steps)
+  driver = parallel.make_driver(config.parallel, bind_train_step(config, lr_fn),
+                                config.dataset.num_classes)
+  for name in ('batch_size', 'eval_batch_size'):
+    if config[name] % driver.num_devices:
+      raise ValueError(f'config.{name}={config[name]} is not divisible by the '
+                       f'{driver.num_devices} devices')
+  predictor = Predictor(driver)
+  train_iter = iter(instance_pipeline.create_train_loader(
+      config.dataset, global_batch_size=config.batch_size, seed=config.seed))
+  eval_loader = instance_pipeline.create_eval_loader(config.dataset,
+                                                     global_batch_size=config.eval_batch_size)
+  ground_truth = build_ground_truth(config)
+  types, score_key = iou_types(config), segm_score_key(config)
+
+  checkpointer = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                          keep=config.keep_checkpoints,
+                                          keep_best=config.keep_best_checkpoints)
+  writer = metric_writer.MetricWriter(workdir)
+  if checkpointer.latest_step() is not None:
+    state, data_state = checkpointer.restore(state)
+    train_iter.set_state(data_state)
+    logging.info('Resumed from %s at step %d.', checkpointer.directory, int(state.step))
+    if writer.enabled:
+      _drop_records_after(writer.path, int(state.step))
+  else:
+    num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+    logging.info('Starting %s/%s from scratch: %d parameters, %d device(s), parallel=%s.',
+                 config.model.name, config.model.backbone, num_params, driver.num_devices,
+                 config.parallel)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  device_state = driver.put_state(state)
+  step = int(state.step)
+  pending: list[dict[str, Any]] = []
+  window_start, window_steps = time.perf_counter(), 0
+  eval_metrics = None
+  while step < config.num_train_steps:
+    batch = next(train_iter)
+    device_state, metrics = driver.train_step(device_state, batch)
+    step += 1
+    window_steps += 1
+    pending.append(metrics)
+    is_last = step == config.num_train_steps
+    if len(pending) >= _MAX_STEPS_IN_FLIGHT:
+      jax.block_until_ready(pending[-1])
+    if step % config.log_every_steps == 0 or is_last:
+      fetched = jax.device_get(pending)
+      pending = []
+      mean_metrics = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+      steps_per_second = window_steps / (time.perf_counter() - window_start)
+      images_per_second = steps_per_second * config.batch_size
+      metric_writer.log_train(step, config.num_train_steps, mean_metrics, steps_per_second,
+                              images_per_second)
+      writer.write(step, 'train', {**mean_metrics, 'steps_per_second': steps_per_second,
+                                   'images_per_second': images_per_second})
+    eval_metrics = None
+    if step % config.eval_every_steps == 0 or is_last:
+      start = time.perf_counter()
+      eval_metrics = evaluate(predictor, device_state, eval_loader, ground_truth,
+                              iou_types=types, segm_score_key=score_key)
+      logging.info('eval at step %d (%.1fs): %s', step, time.perf_counter() - start,
+                   format_metrics(eval_metrics))
+      writer.write(step, 'eval', eval_metrics)
+    if step % config.checkpoint_every_steps == 0 or is_last or eval_metrics is not None:
+      checkpointer.save(driver.get_state(device_state), train_iter.get_state())
+    if eval_metrics is not None or step % config.checkpoint_every_steps == 0:
+      window_start, window_steps = time.perf_counter(), 0
+
+  if eval_metrics is None:  # Resumed a finished run: report its final numbers again.
+    eval_metrics = evaluate(predictor, device_state, eval_loader, ground_truth,
+                            iou_types=types, segm_score_key=score_key)
+  checkpointer.wait()
+  checkpointer.close()
+  writer.close()
+  return eval_metrics
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+  keys = [k for k in ('bbox_AP', 'bbox_AP50', 'segm_AP', 'segm_AP50') if k in metrics]
+  return ' '.join(f'{k}={metrics[k]:.4f}' for k in keys)
