@@ -5,7 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from segjax.data.pipeline import default_dataset_config
-from segjax.models import default_model_config
+from segjax.models import crf, deeplab, default_model_config
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -30,6 +30,15 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.loss = ml_collections.ConfigDict(dict(
       class_weights=(),        # () = unweighted; else one weight per class
       aux_weight=0.4,          # torchvision's FCN/DeepLab auxiliary-loss weight
+      # DeepLab v1/v2: loss on the stride-s logits against labels subsampled by s;
+      # False: on the logits upsampled to the labels (FCN; DeepLab v3 §4).
+      downsample_labels=False,
+  ))
+  config.eval = ml_collections.ConfigDict(dict(
+      # Test-time augmentation: softmax probabilities averaged over these input scales
+      # and, with flip, their mirror images. (1.0,) and no flip = plain argmax.
+      tta=ml_collections.ConfigDict(dict(scales=(1.0,), flip=False)),
+      crf=crf.default_crf_config(),  # dense CRF post-processing, off by default
   ))
   config.parallel = 'jit'      # 'pmap' | 'jit'
   config.num_train_steps = 1000
@@ -112,3 +121,121 @@ def fcn_config(variant: str, preset: str | None) -> ml_collections.ConfigDict:
     config.eval_every_steps = 2000
     config.checkpoint_every_steps = 1000
   return config
+
+
+DEEPLAB_PRESETS = ('digit_scenes', 'voc')
+
+# Test-time scales of DeepLab v3 §4 ("inference strategy": multi-scale inputs
+# {0.5, 0.75, 1.0, 1.25, 1.5, 1.75} and left-right flipped inputs, averaged).
+V3_EVAL_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+
+
+def deeplab_config(variant: str, preset: str | None) -> ml_collections.ConfigDict:
+  """DeepLab v1 / v2 / v3 / v3+ at a preset's settings (`variant`: a DEEPLAB_MODELS name).
+
+  digit_scenes: sized for a 2-core CPU (each run a few minutes): quarter-width
+    VGG-16-BN (v1: VGG without BN stays at the all-background solution when trained
+    from scratch, experiments/README.md) or quarter-width ResNet-18 (v2, v3, v3+),
+    trained from scratch with AdamW + cosine like the FCN preset; the heads keep the
+    papers' rates, so on 8x8 stride-8 maps the large rates see mostly padding (the
+    degeneration DeepLab v3 §3.3 describes). No flips anywhere: a mirrored 2 is not a 2.
+  voc: the papers' settings on PASCAL VOC 2012 (the builder is not in segjax yet):
+    v1 ([v1] §5 "Training"): VGG-16, batch 20, lr 1e-3, momentum 0.9, weight decay
+      5e-4, 6000 iterations (the released LargeFOV solver: lr x0.1 every 2000; segjax
+      has no step schedule, so poly 0.9 as v2 found better, [v2] §4.1), loss against
+      labels subsampled by 8 ([v1] §3.1), dense CRF at evaluation ([v1] §4.2).
+    v2 ([v2] §4.1): ResNet-101, 'poly' power 0.9, batch 10, 20K iterations, momentum
+      0.9, weight decay 5e-4, lr 2.5e-4 (the released ResNet-101 solver; the paper's
+      1e-3 is VGG-16's), random scaling 0.5-1.5, multi-scale inputs {1, 0.75, 0.5}
+      max-fused, BatchNorm frozen, labels subsampled by 8, dense CRF at evaluation.
+    v3, v3+ ([v3] §4, [v3+] §4): ResNet-101 at output stride 16, 'poly' power 0.9, lr
+      7e-3, crop 513, batch 16, 30K iterations, BN trained, random scaling 0.5-2.0 and
+      flips, loss on upsampled logits; weight decay 1e-4 (not given in the paper; the
+      value of torchvision's DeepLab v3 recipe); evaluation with scales
+      {0.5, ..., 1.75} and flips averaged. v3 has no CRF.
+  Crops are 321 x 321 for v1/v2 (the released DeepLab v2 models' crop; the papers do
+  not state it).
+  """
+  if variant not in deeplab.V1_FC6 and variant not in (
+      'deeplab_v2_aspp_s', 'deeplab_v2_aspp_l', 'deeplab_v3', 'deeplab_v3plus'):
+    raise ValueError(f'{variant!r} is not a DeepLab model')
+  preset = check_preset(preset, DEEPLAB_PRESETS)
+  version = ('v1' if variant in deeplab.V1_FC6 else
+             'v2' if variant.startswith('deeplab_v2') else 'v3')
+  config = get_base_config()
+  config.model = default_model_config(variant)
+  config.loss.downsample_labels = version in ('v1', 'v2')
+  if preset == 'digit_scenes':
+    _digit_scenes_training(config)
+    config.model.backbone = 'vgg16_bn' if version == 'v1' else 'resnet18'
+    config.model.width_multiplier = 0.25
+    config.model.dropout_rate = 0.0
+    config.model.output_stride = 8
+  else:
+    _voc_dataset(config, crop=513 if version == 'v3' else 321)
+    config.optimizer.name = 'sgd'
+    config.optimizer.schedule = 'poly'
+    config.optimizer.power = 0.9
+    config.optimizer.momentum = 0.9
+    config.model.dropout_rate = 0.5
+    if version == 'v1':
+      config.model.backbone = 'vgg16'
+      config.dataset.scale_range = (1.0, 1.0)
+      config.optimizer.learning_rate = 1e-3
+      config.optimizer.weight_decay = 5e-4
+      config.batch_size = 20
+      config.num_train_steps = 6000
+      config.eval.crf.enabled = True
+    elif version == 'v2':
+      config.model.backbone = 'resnet101'
+      config.model.input_scales = deeplab.V2_INPUT_SCALES
+      config.model.freeze_bn = True
+      config.dataset.scale_range = (0.5, 1.5)
+      config.optimizer.learning_rate = 2.5e-4
+      config.optimizer.weight_decay = 5e-4
+      config.batch_size = 10
+      config.num_train_steps = 20000
+      config.eval.crf.enabled = True
+    else:
+      config.model.backbone = 'resnet101'
+      config.model.output_stride = 16
+      config.dataset.scale_range = (0.5, 2.0)
+      config.optimizer.learning_rate = 7e-3
+      config.optimizer.weight_decay = 1e-4
+      config.batch_size = 16
+      config.num_train_steps = 30000
+      config.eval.tta.scales = V3_EVAL_SCALES
+      config.eval.tta.flip = True
+    config.eval_batch_size = config.batch_size
+    config.eval_every_steps = config.num_train_steps // 10
+    config.checkpoint_every_steps = 1000
+  return config
+
+
+def _digit_scenes_training(config: ml_collections.ConfigDict) -> None:
+  """digit_scenes data and the FCN preset's optimiser (AdamW 1e-2, cosine), no flips."""
+  config.dataset.name = 'digit_scenes'
+  config.dataset.crop_size = (64, 64)
+  config.dataset.eval_pad_size = (64, 64)
+  config.dataset.scale_range = (0.75, 1.25)
+  config.dataset.hflip = False  # a mirrored 2 is not a 2
+  config.eval.tta.flip = False
+  config.optimizer.name = 'adamw'
+  config.optimizer.learning_rate = 1e-2
+  config.optimizer.weight_decay = 1e-4
+  config.optimizer.schedule = 'cosine'
+  config.optimizer.warmup_steps = 100
+  config.batch_size = 16
+  config.eval_batch_size = 100
+  config.num_train_steps = 3000
+  config.log_every_steps = 250
+  config.eval_every_steps = 1000
+  config.checkpoint_every_steps = 500
+
+
+def _voc_dataset(config: ml_collections.ConfigDict, crop: int) -> None:
+  config.dataset.name = 'voc_segmentation'
+  config.dataset.num_classes = 21
+  config.dataset.crop_size = (crop, crop)
+  config.dataset.eval_pad_size = (512, 512) if crop < 512 else (crop, crop)
+  config.dataset.hflip = True

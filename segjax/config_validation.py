@@ -6,7 +6,10 @@ on the command line fails in a second instead of deep inside XLA.
 
 from __future__ import annotations
 
+import numbers
+
 from segjax import models
+from segjax.models import crf
 from segjax.train import optimizers, parallel
 
 _POSITIVE_INTS = ('num_train_steps', 'batch_size', 'eval_batch_size', 'eval_every_steps',
@@ -29,6 +32,38 @@ def validate_config(config) -> None:
   if class_weights and len(class_weights) != config.dataset.num_classes:
     raise ValueError(f'config.loss.class_weights has {len(class_weights)} entries, '
                      f'expected config.dataset.num_classes={config.dataset.num_classes}')
+  _validate_loss_options(config)
+  _validate_eval(config)
+
+
+def _validate_loss_options(config) -> None:
+  downsample = config.loss.downsample_labels
+  if not isinstance(downsample, bool):
+    raise ValueError(f'config.loss.downsample_labels={downsample!r} must be True or False')
+  if downsample and models.coarse_logits_stride(config.model) is None:
+    raise ValueError(f'config.loss.downsample_labels=True needs a model with coarse logits '
+                     f'(one of {sorted(models.DEEPLAB_MODELS)}), not '
+                     f'model.name={config.model.name!r}')
+
+
+def _validate_eval(config) -> None:
+  """config.eval: test-time augmentation and the dense CRF."""
+  scales = tuple(config.eval.tta.scales)
+  if not scales or any(isinstance(s, bool) or not isinstance(s, numbers.Real) or not s > 0
+                       for s in scales):
+    raise ValueError(f'config.eval.tta.scales={scales!r} must be one or more numbers > 0, '
+                     'e.g. (1.0,) or (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)')
+  flip = config.eval.tta.flip
+  if not isinstance(flip, bool):
+    raise ValueError(f'config.eval.tta.flip={flip!r} must be True or False')
+  if flip and not config.dataset.hflip:
+    raise ValueError('config.eval.tta.flip=True but config.dataset.hflip=False: the model '
+                     'never saw mirrored images (a mirrored digit is another symbol); set '
+                     'both or neither')
+  try:
+    crf.validate_crf_config(config.eval.crf)
+  except ValueError as error:
+    raise ValueError(f'config.eval.{error}') from None
 
 
 def _validate_dataset(dataset) -> None:

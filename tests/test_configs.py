@@ -29,18 +29,24 @@ def _all_presets():
 
 
 def test_there_are_configs():
-  assert {'fcn8s.py', 'fcn16s.py', 'fcn32s.py'} <= {os.path.basename(p) for p in _CONFIG_FILES}
+  assert {'fcn8s.py', 'fcn16s.py', 'fcn32s.py', 'deeplab_v1.py', 'deeplab_v1_largefov.py',
+          'deeplab_v1_msc_largefov.py', 'deeplab_v2_aspp_s.py', 'deeplab_v2_aspp_l.py',
+          'deeplab_v3.py', 'deeplab_v3plus.py'} <= {os.path.basename(p) for p in _CONFIG_FILES}
 
 
 @pytest.mark.parametrize('path,preset', list(_all_presets()))
 def test_every_config_and_preset_builds_and_validates(path, preset):
   config = _load(path).get_config(preset)
   assert config.model.name in os.path.basename(path)
+  if config.dataset.name.startswith('digit_scenes'):
+    assert not config.dataset.hflip  # a mirrored 2 is not a 2
+    assert 'eval' not in config or not config.eval.tta.flip
   if config.dataset.name in _NOT_YET_BUILT:
     with pytest.raises(ValueError, match=config.dataset.name):
       config_validation.validate_config(config)
-  else:
-    config_validation.validate_config(config)
+    # Everything but the dataset name is valid too.
+    config.dataset.name = 'digit_scenes'
+  config_validation.validate_config(config)
 
 
 def test_default_preset_is_the_first_and_unknown_preset_lists_choices():

@@ -32,13 +32,14 @@ def bn_axis_name(parallel: str) -> str | None:
 class PmapDriver:
   """Replicated state, batches split [devices, per_device, ...], explicit psum."""
 
-  def __init__(self, train_step: Callable, num_classes: int):
+  def __init__(self, train_step: Callable, num_classes: int, eval_step: Callable | None = None):
+    eval_step = eval_step or functools.partial(steps.eval_step, num_classes=num_classes)
     self.devices = jax.local_devices()
     self.num_devices = len(self.devices)
     self._train = jax.pmap(functools.partial(train_step, axis_name=PMAP_AXIS),
                            axis_name=PMAP_AXIS, donate_argnums=(0,))
-    self._eval = jax.pmap(functools.partial(steps.eval_step, num_classes=num_classes,
-                                            axis_name=PMAP_AXIS), axis_name=PMAP_AXIS)
+    self._eval = jax.pmap(functools.partial(eval_step, axis_name=PMAP_AXIS),
+                          axis_name=PMAP_AXIS)
 
   def put_state(self, state):
     return jax_utils.replicate(state, self.devices)
@@ -65,7 +66,8 @@ class PmapDriver:
 class JitDriver:
   """One global batch sharded over Mesh(devices, ('data',)); state replicated."""
 
-  def __init__(self, train_step: Callable, num_classes: int):
+  def __init__(self, train_step: Callable, num_classes: int, eval_step: Callable | None = None):
+    eval_step = eval_step or functools.partial(steps.eval_step, num_classes=num_classes)
     self.devices = jax.devices()
     self.num_devices = len(self.devices)
     self.mesh = Mesh(np.asarray(self.devices), ('data',))
@@ -74,8 +76,7 @@ class JitDriver:
     self._train = jax.jit(train_step, in_shardings=(self.replicated, self.data_sharding),
                           out_shardings=(self.replicated, self.replicated),
                           donate_argnums=(0,))
-    self._eval = jax.jit(functools.partial(steps.eval_step, num_classes=num_classes),
-                         in_shardings=(self.replicated, self.data_sharding),
+    self._eval = jax.jit(eval_step, in_shardings=(self.replicated, self.data_sharding),
                          out_shardings=self.replicated)
 
   def put_state(self, state):
@@ -100,9 +101,11 @@ class JitDriver:
     return self._eval(state, self.put_batch(batch))
 
 
-def make_driver(parallel: str, train_step: Callable, num_classes: int) -> Any:
+def make_driver(parallel: str, train_step: Callable, num_classes: int,
+                eval_step: Callable | None = None) -> Any:
+  """`eval_step(state, batch, *, axis_name=None)`: default `steps.eval_step` (argmax)."""
   if parallel == 'pmap':
-    return PmapDriver(train_step, num_classes)
+    return PmapDriver(train_step, num_classes, eval_step)
   if parallel == 'jit':
-    return JitDriver(train_step, num_classes)
+    return JitDriver(train_step, num_classes, eval_step)
   raise ValueError(f'config.parallel={parallel!r} is not one of {DRIVERS}')

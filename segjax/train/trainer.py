@@ -40,12 +40,17 @@ def create_state(config) -> TrainState:
 def make_driver(config):
   learning_rate_fn = optimizers.learning_rate_schedule(config.optimizer, config.num_train_steps)
   train_step = steps.bind_train_step(config, axis_name=None, learning_rate_fn=learning_rate_fn)
-  return parallel.make_driver(config.parallel, train_step, config.dataset.num_classes)
+  return parallel.make_driver(config.parallel, train_step, config.dataset.num_classes,
+                              eval_step=steps.bind_eval_step(config))
 
 
 def evaluate(driver, device_state, eval_loader, num_classes: int,
              class_names=None) -> dict[str, float]:
-  """Metrics over the whole eval split from one confusion matrix summed on device."""
+  """Metrics over the whole eval split from one confusion matrix summed on device.
+
+  The driver's eval step applies `config.eval` (test-time augmentation, dense CRF;
+  see `steps.bind_eval_step`) before the argmax.
+  """
   confusion = None
   for batch in eval_loader:
     batch_confusion = driver.eval_step(device_state, batch)

@@ -1,0 +1,19 @@
+"""DeepLab v1 LargeFOV: VGG-16 at output stride 8, fc6 3x3 x 1024 at rate 12 (Chen et al., ICLR 2015, §3.2, Table 2).
+
+Train and evaluate on the embedded digit_scenes dataset (built on first use):
+  python -m segjax.main --config=configs/deeplab_v1_largefov.py --workdir=/tmp/deeplab_v1_largefov
+Paper settings on PASCAL VOC 2012 (needs the VOC builder, not in segjax yet):
+  python -m segjax.main --config=configs/deeplab_v1_largefov.py:voc --workdir=runs/deeplab_v1_largefov_voc
+Evaluate with the dense CRF (reruns only the evaluation of a finished run):
+  python -m segjax.main --config=configs/deeplab_v1_largefov.py --workdir=/tmp/deeplab_v1_largefov \\
+      --config.eval.crf.enabled=True
+Expected result on digit_scenes: EXPECTED
+"""
+
+from segjax import base_config
+
+PRESETS = base_config.DEEPLAB_PRESETS
+
+
+def get_config(preset=None):
+  return base_config.deeplab_config('deeplab_v1_largefov', preset)

@@ -1,0 +1,19 @@
+"""DeepLab v3+: the v3 ASPP encoder with a stride-4 decoder (Chen et al., ECCV 2018, §3.1).
+
+Train and evaluate on the embedded digit_scenes dataset (built on first use):
+  python -m segjax.main --config=configs/deeplab_v3plus.py --workdir=/tmp/deeplab_v3plus
+Paper settings on PASCAL VOC 2012 (needs the VOC builder, not in segjax yet):
+  python -m segjax.main --config=configs/deeplab_v3plus.py:voc --workdir=runs/deeplab_v3plus_voc
+Evaluate with the dense CRF (reruns only the evaluation of a finished run):
+  python -m segjax.main --config=configs/deeplab_v3plus.py --workdir=/tmp/deeplab_v3plus \\
+      --config.eval.crf.enabled=True
+Expected result on digit_scenes: EXPECTED
+"""
+
+from segjax import base_config
+
+PRESETS = base_config.DEEPLAB_PRESETS
+
+
+def get_config(preset=None):
+  return base_config.deeplab_config('deeplab_v3plus', preset)

@@ -1,0 +1,135 @@
+"""The train step's DeepLab options: subsampled labels, multi-scale losses, frozen BatchNorm."""
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from segjax import base_config, config_validation, models
+from segjax.train import steps
+from segjax.train.losses import cross_entropy_sum
+from segjax.train.state import create_train_state
+
+NUM_CLASSES = 4
+
+
+def _state(name, tx=None, **overrides):
+  config = models.default_model_config(name)
+  config.backbone, config.width_multiplier, config.dropout_rate = 'resnet18', 1 / 16, 0.0
+  config.update(overrides)
+  model = models.build_model(config, num_classes=NUM_CLASSES)
+  tx = tx or optax.sgd(0.1, momentum=0.9)
+  return jax.jit(lambda key: create_train_state(model, tx, key, (1, 32, 32, 3)))(
+      jax.random.key(0))
+
+
+def _train_outputs(state, images):
+  """The model's train-mode outputs with the dropout key train_step uses."""
+  rng = jax.random.fold_in(state.rng, state.step)
+  return jax.jit(lambda s, x: s.apply_fn(
+      {'params': s.params, 'batch_stats': s.batch_stats}, x, train=True,
+      mutable=['batch_stats'], rngs={'dropout': rng})[0])(state, images)
+
+
+def _batch(seed=0, hw=(32, 32)):
+  rng = np.random.default_rng(seed)
+  label = rng.integers(0, NUM_CLASSES, (2,) + hw).astype(np.int32)
+  label[0, :3] = 255
+  return {'image': rng.normal(size=(2,) + hw + (3,)).astype(np.float32), 'label': label}
+
+
+def _mean_ce(logits, labels):
+  loss, count = cross_entropy_sum(logits, labels)
+  return loss / count
+
+
+def test_subsample_labels_takes_the_label_at_each_logit_centre():
+  labels = jnp.arange(2 * 20 * 17).reshape(2, 20, 17)
+  got = steps.subsample_labels(labels, 8, (3, 3))  # ceil(20/8), ceil(17/8)
+  # Rows 4, 12, 19 (20 clamped to H-1), columns 4, 12, 16 (20 clamped to W-1).
+  want = labels[:, [4, 12, 19]][:, :, [4, 12, 16]]
+  np.testing.assert_array_equal(got, want)
+  assert int(got[1, 2, 2]) == 20 * 17 + 19 * 17 + 16
+
+
+def test_downsampled_label_loss_is_the_coarse_cross_entropy():
+  state = _state('deeplab_v2_aspp_s')
+  batch = _batch()
+  _, metrics = jax.jit(lambda s, b: steps.train_step(s, b, label_stride=8))(state, batch)
+  out = _train_outputs(state, batch['image'])
+  coarse_labels = jnp.asarray(batch['label'])[:, 4::8, 4::8]     # 32 = 4 * 8
+  want = _mean_ce(out['coarse_logits'], coarse_labels)
+  np.testing.assert_allclose(metrics['loss'], want, rtol=1e-5)
+  np.testing.assert_allclose(metrics['main_loss'], want, rtol=1e-5)
+  _, upsampled = jax.jit(steps.train_step)(state, batch)
+  np.testing.assert_allclose(upsampled['loss'], _mean_ce(out['logits'], batch['label']),
+                             rtol=1e-5)
+
+
+def test_multi_scale_training_adds_one_loss_per_scale():
+  state = _state('deeplab_v3', input_scales=(1.0, 0.75, 0.5), aux_loss=True)
+  batch = _batch(1)
+  _, metrics = jax.jit(lambda s, b: steps.train_step(s, b, aux_loss_weight=0.4))(state, batch)
+  out = _train_outputs(state, batch['image'])
+  assert len(out['scale_logits']) == 3
+  main = _mean_ce(out['logits'], batch['label'])
+  scales = sum(_mean_ce(s, batch['label']) for s in out['scale_logits'])
+  aux = _mean_ce(out['aux_logits'], batch['label'])
+  np.testing.assert_allclose(metrics['main_loss'], main, rtol=1e-5)
+  np.testing.assert_allclose(metrics['loss'], main + scales + 0.4 * aux, rtol=1e-5)
+
+
+@pytest.mark.parametrize('tx', [optax.sgd(0.1, momentum=0.9),
+                                optax.adamw(1e-2, weight_decay=1e-4,
+                                            mask=lambda p: jax.tree_util.tree_map(
+                                                lambda x: x.ndim > 1, p))])
+def test_frozen_batch_norm_keeps_statistics_and_affine_parameters(tx):
+  # "Frozen" = running statistics used and never updated (the model) AND BatchNorm
+  # scale/bias never updated (the step zeroes their gradients; decay is masked off them).
+  state = _state('deeplab_v3plus', tx=tx, freeze_bn=True, aux_loss=True)
+  # Running variances of 2 (not the init's 1), so an update would show; means stay 0
+  # so that no ReLU dies and every other parameter gets a gradient.
+  state = state.replace(batch_stats=jax.tree_util.tree_map_with_path(
+      lambda path, s: s + 1.0 if path[-1].key == 'var' else s, state.batch_stats))
+  new = state
+  for seed in range(2):
+    new, metrics = jax.jit(lambda s, b: steps.train_step(s, b, freeze_bn=True))(
+        new, _batch(seed))
+  assert float(metrics['grad_norm']) > 0
+  for a, b in zip(jax.tree_util.tree_leaves(new.batch_stats),
+                  jax.tree_util.tree_leaves(state.batch_stats)):
+    np.testing.assert_array_equal(a, b)
+  old = flax.traverse_util.flatten_dict(state.params, sep='/')
+  moved = flax.traverse_util.flatten_dict(new.params, sep='/')
+  bn_modules = {p.rsplit('/', 1)[0]
+                for p in flax.traverse_util.flatten_dict(state.batch_stats, sep='/')}
+  assert len(bn_modules) > 20
+  for path, value in moved.items():
+    changed = not np.array_equal(value, old[path])
+    assert changed == (path.rsplit('/', 1)[0] not in bn_modules), path
+
+
+def test_unfrozen_batch_norm_moves():
+  state = _state('deeplab_v3plus')
+  new, _ = jax.jit(steps.train_step)(state, _batch())
+  assert not np.array_equal(new.params['decoder_0']['bn']['scale'],
+                            state.params['decoder_0']['bn']['scale'])
+  assert not np.array_equal(new.batch_stats['decoder_0']['bn']['mean'],
+                            state.batch_stats['decoder_0']['bn']['mean'])
+
+
+def test_bind_train_step_reads_the_config():
+  config = base_config.deeplab_config('deeplab_v3plus', 'digit_scenes')
+  config.loss.downsample_labels = True
+  config.model.freeze_bn = True
+  bound = steps.bind_train_step(config, axis_name=None)
+  assert bound.keywords['label_stride'] == 4 and bound.keywords['freeze_bn'] is True
+  fcn = base_config.fcn_config('fcn8s', 'digit_scenes')
+  bound = steps.bind_train_step(fcn, axis_name=None)
+  assert bound.keywords['label_stride'] is None and bound.keywords['freeze_bn'] is False
+  fcn.loss.downsample_labels = True
+  with pytest.raises(ValueError, match="downsample_labels=True needs a model with coarse "
+                                       "logits .* not model.name='fcn8s'"):
+    config_validation.validate_config(fcn)
