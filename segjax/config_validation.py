@@ -17,6 +17,11 @@ _POSITIVE_INTS = ('num_train_steps', 'batch_size', 'eval_batch_size', 'eval_ever
 
 
 def validate_config(config) -> None:
+  """Validates a semantic-segmentation config, or an instance one (`config.task`)."""
+  if config.get('task', 'semantic') != 'semantic':
+    from segjax import detection_config  # pylint: disable=import-outside-toplevel
+    detection_config.validate_detection_config(config)
+    return
   if config.parallel not in parallel.DRIVERS:
     raise ValueError(f'config.parallel={config.parallel!r} is not one of {parallel.DRIVERS}')
   for name in _POSITIVE_INTS:

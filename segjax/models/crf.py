@@ -2,7 +2,7 @@
 
 The model is DeepLab's post-processing CRF (Chen et al., "Semantic Image
 Segmentation with Deep Convolutional Nets and Fully Connected CRFs", ICLR 2015,
-§4, eq. 2), introduced by Krähenbühl & Koltun, "Efficient Inference in Fully
+§4.2, eqs. 1-2), introduced by Krähenbühl & Koltun, "Efficient Inference in Fully
 Connected CRFs with Gaussian Edge Potentials", NIPS 2011 (K&K below):
 
   E(x) = sum_i U_i(x_i) + sum_{i<j} mu(x_i, x_j) k(f_i, f_j)
@@ -10,8 +10,8 @@ Connected CRFs with Gaussian Edge Potentials", NIPS 2011 (K&K below):
               + w2 exp(-|p_i - p_j|^2 / 2 theta_gamma^2)
 
 with p the pixel position (row, column), I the RGB colour in 0..255, Potts
-compatibility mu(l, l') = [l != l'] and unary U = -logits (the CNN's negative
-log-probability up to a per-pixel constant, which mean field ignores).
+compatibility mu(l, l') = [l != l'] and unary U = -logits (DeepLab's
+-log P(x_i) up to a per-pixel constant, which mean field ignores).
 
 Mean field (K&K §3, Algorithm 1) starts from Q = softmax(-U) and repeats
 
@@ -19,20 +19,25 @@ Mean field (K&K §3, Algorithm 1) starts from Q = softmax(-U) and repeats
   p_i(l)  = sum_{l'} mu(l, l') m_i(l') = sum_{l'} m_i(l') - m_i(l)   Potts
   Q_i     = softmax(-U_i - p_i)
 
-Two ways to compute the messages, giving the same model:
+Two ways to compute the messages of the same model:
 - `dense_crf_exact`: the N x N kernel, computed in row chunks so that memory is
-  O(chunk * N); O(N^2) time, for small images and as the reference.
+  O(chunk * N); O(N^2) time (~4 h extrapolated at 512 x 512 on 2 CPU cores),
+  for small images and as the reference.
 - `dense_crf_fast`: the appearance kernel by permutohedral-lattice filtering
   (Adams, Baek & Davis, "Fast High-Dimensional Filtering Using the
   Permutohedral Lattice", Eurographics 2010; the method K&K use), the
   smoothness kernel by an exact separable Gaussian blur. O(N) per iteration.
-  A 5-D bilateral grid was rejected: at sigma spacing and DeepLab's
-  theta_beta = 5 it needs ~7.7 M cells per class at 512 x 512 (see
-  experiments/crf/results.md for the measurements).
+  Approximate: the lattice stores only vertices that pixels touch, so blur
+  mass routed through untouched ones is lost and appearance messages come out
+  low (median 17 % on the 512 x 512 benchmark scene, far more on pure noise).
+  A 5-D bilateral grid was rejected: at sigma spacing and DeepLab's thetas it
+  needs 8.2 M cells per class at 512 x 512 where the lattice uses 38 k points.
+  Numbers and commands: experiments/crf/results.md.
 
-Both are jit-compatible (every shape is static: the lattice is allocated at its
-largest possible size, N * 6 vertices) and differentiable with respect to the
-logits; the exact one also with respect to the image.
+Both are jit-compatible and differentiable with respect to the logits (the
+exact one also with respect to the image). Every shape is static: the lattice
+has N * 6 slots at most, and a few smaller sizes are compiled too, the
+smallest that holds the image's vertices being run (`_SIZE_FRACTIONS`).
 
 Layout: images and logits are NHWC, [B, H, W, C]; pixel features are
 (row, column, R, G, B).
@@ -63,14 +68,16 @@ def default_crf_config() -> ml_collections.ConfigDict:
   """The CRF section of an evaluation config, at DeepLab's published settings.
 
   w2 = 3, theta_gamma = 3 and 10 mean-field iterations are fixed in DeepLab v1
-  §4 ("We use the default values of w2 = 3 and sigma_gamma = 3 ... We fix the
-  number of mean field iterations to 10") and DeepLab v2 §4.1. w1, theta_alpha
-  and theta_beta are cross-validated per model there (v1 search ranges
-  w1 in [5, 10], theta_alpha in [50:10:100], theta_beta in [3:10]); the paper does
-  not print the chosen values. w1 = 4, theta_alpha = 121, theta_beta = 5 are
-  the values distributed with the public DeepLab-LargeFOV (VOC 2012) model
-  (`bi_w`, `bi_xy_std`, `bi_rgb_std` of its dense-CRF script), which is how
-  they are usually quoted; re-tune them for other models by cross-validation.
+  §5, "Training" ("We use the default values of w2 = 3 and sigma_gamma = 3 ...
+  We fix the number of mean field iterations to 10") and DeepLab v2 §4.1.1.
+  w1, theta_alpha and theta_beta are cross-validated per model there on 100 val
+  images (v1 search ranges w1 in [5, 10], theta_alpha in [50:10:100], theta_beta
+  in [3:10]; v2: [3:6], [30:10:100], [3:6]); the papers do not print the
+  chosen values. w1 = 4, theta_alpha = 121, theta_beta = 5 are the values
+  quoted for the public DeepLab(-LargeFOV) VOC 2012 release (`bi_w=4,
+  bi_xy_std=121, bi_rgb_std=5` in many ports of its dense-CRF step; not checked
+  against DeepLab's own scripts here). theta_alpha = 121 lies outside both
+  papers' initial search ranges. Re-tune all three for other models.
   """
   return ml_collections.ConfigDict(dict(
       enabled=False,
@@ -299,8 +306,10 @@ def gaussian_blur(x: jax.Array, sigma: float) -> jax.Array:
 def _elevation_matrix(d: int) -> np.ndarray:
   """[d+1, d]: an orthonormal basis of H_d (Helmert's), scaled so blur std = 1 feature unit.
 
-  Adams et al. §3.1 scale by sqrt(2/3) (d+1): the splat-blur-slice chain then
-  approximates a Gaussian of standard deviation 1 in feature units.
+  Adams et al. (2010) scale by sqrt(2/3) (d+1): the splat-blur-slice chain then
+  approximates a Gaussian of standard deviation 1 in feature units (on a
+  dense 2-D point set the measured variance is 0.98, the sums within 2 %:
+  tests/test_crf.py).
   """
   basis = np.zeros((d + 1, d))
   for k in range(1, d + 1):
@@ -341,7 +350,7 @@ def enclosing_simplex(features: jax.Array) -> tuple[jax.Array, jax.Array]:
   x = features @ jnp.asarray(_elevation_matrix(d).T, features.dtype)        # [N, d+1]
   # Nearest remainder-0 point coordinate-wise, then made to sum to zero by moving
   # s = sum / (d+1) coordinates one step: the ones whose remainders are furthest
-  # the other way (Conway & Sloane's A*_d decoding, as in Adams et al. §3.1).
+  # the other way (Conway & Sloane's A*_d rounding, as in Adams et al.).
   rem0 = jax.lax.stop_gradient(jnp.round(x / dp1) * dp1)
   diff = jax.lax.stop_gradient(x - rem0)
   s = jnp.round(jnp.sum(rem0, axis=-1, keepdims=True) / dp1).astype(jnp.int32)
@@ -532,9 +541,12 @@ def dense_crf_fast(logits: jax.Array, image: jax.Array, *, num_iterations: int =
   """Mean field with the appearance kernel on a permutohedral lattice.
 
   Same model and arguments as `dense_crf_exact`; the smoothness kernel is
-  exact (separable blur), the appearance kernel approximate (see
+  exact (separable blur), the appearance kernel approximate: the sparse
+  lattice loses the blur mass that passes through vertices no pixel touches,
+  so its messages are low where the colours are scattered (see
   experiments/crf/results.md for the error). The lattice is built once per
-  image and reused by every iteration. Gradients reach the image only through
+  image and reused by every iteration. Batches run one image at a time
+  (lax.map); under vmap every lattice size would run. Gradients reach the image only through
   the barycentric weights (the lattice's vertices are piecewise constant in it).
   Jitted; num_iterations and theta_gamma (the blur's width) are static.
 
