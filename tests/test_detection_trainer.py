@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -125,7 +126,9 @@ class _GroundTruthPredictor:
            'valid': np.pad(batch['gt_valid'], ((0, 0), (0, pad))),
            'scores': np.pad(scores, ((0, 0), (0, pad))),
            'mask_probs': np.ones((b, self.d, 28, 28), np.float32)}
-    out['mask_scores'] = out['scores'][:, ::-1].copy() if self.reversed else out['scores']
+    # Reversed: MaskIoU-rescored scores that rank each image's detections the other way.
+    out['mask_scores'] = np.where(out['valid'], 1.0 - out['scores'], 0.0) if self.reversed \
+        else out['scores']
     return out
 
 
@@ -261,13 +264,40 @@ def test_mask_rcnn_main_trains_evaluates_and_resumes(tmp_path, data_dir, compila
 
 
 @pytest.mark.slow
-def test_ms_rcnn_main_with_pmap_driver(tmp_path, data_dir, compilation_cache):
+def test_ms_rcnn_main_with_pmap_driver_and_frozen_bn(tmp_path, data_dir, compilation_cache):
   # Mask Scoring R-CNN through the pmap driver and pmap Predictor (one CPU device):
   # segm ranked by MaskIoU-rescored scores, plus the class-score ranking for comparison.
+  # Frozen BatchNorm (the coco preset's setting) keeps the BN statistics and affine
+  # parameters at their initial values while the convolutions train.
   workdir = tmp_path / 'run'
   _run(_command('ms_rcnn_r50_fpn.py', workdir, data_dir, num_train_steps=1, eval_every_steps=1,
-                checkpoint_every_steps=1, parallel='pmap'), compilation_cache)
+                checkpoint_every_steps=1, parallel='pmap', **{'model.freeze_bn': True}),
+       compilation_cache)
   (train,) = metric_writer.read_metrics(str(workdir), 'train')
   assert {'loss_maskiou', 'loss_mask'} <= set(train) and np.isfinite(train['loss'])
+  assert train['grad_norm'] > 0
   (record,) = metric_writer.read_metrics(str(workdir), 'eval')
   _check_eval_record(record, {f'segm_cls_score_{s}' for s in coco_eval.STAT_NAMES})
+
+  state, _ = _restore_arrays(str(workdir), 1)
+  stats = flax.traverse_util.flatten_dict(state['batch_stats'])
+  params = flax.traverse_util.flatten_dict(state['params'])
+  assert len(stats) == 2 * len({p[:-1] for p in stats}) > 0
+  for path, value in stats.items():  # flax's initial mean 0, var 1
+    np.testing.assert_array_equal(value, 0.0 if path[-1] == 'mean' else 1.0, err_msg=str(path))
+  for owner in {p[:-1] for p in stats}:
+    np.testing.assert_array_equal(params[owner + ('bias',)], 0.0)
+    scale = params[owner + ('scale',)]
+    assert np.all(scale == 1.0) or np.all(scale == 0.0), owner  # ones, or zero-init residual
+  # AdamW's first moment is (1 - b1) x the first gradient: zero for every BN parameter,
+  # nonzero for the convolutions.
+  moments = {}
+  for path, value in jax.tree_util.tree_flatten_with_path(state['opt_state'])[0]:
+    keys = tuple(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+    if 'mu' in keys:
+      moments[keys[keys.index('mu') + 1:]] = np.asarray(value)
+  assert set(moments) == set(params)
+  for owner in {p[:-1] for p in stats}:
+    assert not moments[owner + ('scale',)].any() and not moments[owner + ('bias',)].any()
+  assert moments[('backbone', 'body', 'conv1', 'kernel')].any()
+  assert moments[('roi_heads', 'maskiou_head', 'maskiou', 'kernel')].any()
