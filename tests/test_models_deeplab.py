@@ -310,3 +310,35 @@ def test_bad_deeplab_values_are_named(name, field, value, expected):
   with pytest.raises(ValueError) as error:
     models.build_model(config, num_classes=21)
   assert str(error.value) == expected
+
+
+# ---------------------------------------------------------------------------
+# fc6/fc7 initialisation: N(0, 0.01) as the papers (fine-tuning) or He (from scratch).
+
+
+@pytest.mark.parametrize('name,fc6,fc7,fc8', [
+    ('deeplab_v1_largefov', ('backbone', 'fc6'), ('backbone', 'fc7'), ('fc8',)),
+    ('deeplab_v2_aspp_s', ('aspp_0', 'fc6'), ('aspp_0', 'fc7'), ('aspp_0', 'fc8')),
+])
+def test_fc_init_sets_fc6_fc7_and_leaves_fc8_small(name, fc6, fc7, fc8):
+  stds = {}
+  for fc_init in ('normal', 'he'):
+    model = models.build_model(tiny_config(name, fc_init=fc_init, width_multiplier=0.25),
+                               num_classes=NUM_CLASSES)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)['params']
+    kernel = lambda path: np.asarray(params[path[0]][path[1]]['kernel'] if len(path) == 2
+                                     else params[path[0]]['kernel'])
+    stds[fc_init] = {k: (kernel(p).std(), int(np.prod(kernel(p).shape[:-1])))
+                     for k, p in (('fc6', fc6), ('fc7', fc7), ('fc8', fc8))}
+  for layer in ('fc6', 'fc7'):
+    std, fan_in = stds['normal'][layer]
+    assert abs(std - 0.01) < 0.001, (layer, std)
+    std, fan_in = stds['he'][layer]
+    assert abs(std / math.sqrt(2.0 / fan_in) - 1) < 0.1, (layer, std, fan_in)
+  for fc_init in ('normal', 'he'):
+    assert abs(stds[fc_init]['fc8'][0] - 0.01) < 0.002, stds[fc_init]['fc8']
+
+
+def test_bad_fc_init_is_named():
+  with pytest.raises(ValueError, match=r"model.fc_init='xavier'.*\['he', 'normal'\]"):
+    models.validate_model_config(tiny_config('deeplab_v2_aspp_s', fc_init='xavier'))

@@ -13,7 +13,7 @@ def test_default_model_config():
   assert c.to_dict() == {
       'name': 'fcn8s', 'backbone': 'vgg16', 'width_multiplier': 1.0,
       'output_stride': 32, 'upsampling': 'deconv', 'aux_loss': False,
-      'fc_kernel_size': 7, 'dtype': 'float32', 'dropout_rate': 0.5}
+      'fc_kernel_size': 7, 'dtype': 'float32', 'dropout_rate': 0.5, 'fc_init': 'normal'}
   models.validate_model_config(c)
 
 

@@ -111,8 +111,12 @@ def detections_to_coco(outputs: dict[str, np.ndarray], batch: dict[str, np.ndarr
     segm_scores = scores
     if 'mask_probs' in outputs:
       height, width = (int(s) for s in batch['orig_size'][i])
-      masks = np.asarray(_paste(np.asarray(outputs['mask_probs'][i])[valid], boxes,
-                                (height, width)))
+      # Every slot is pasted (one compiled shape per image size, not one per number
+      # of detections), then the valid ones are kept.
+      all_boxes = np.asarray(outputs['boxes'][i], np.float32) / np.asarray([sx, sy, sx, sy],
+                                                                            np.float32)
+      masks = np.asarray(_paste(np.asarray(outputs['mask_probs'][i]), all_boxes,
+                                (height, width)))[valid]
       rles = encode_masks(masks)
       segm_scores = np.asarray(outputs[segm_score_key][i])[valid]
     for box, score, label, rle, segm_score in zip(boxes, scores, labels, rles, segm_scores):

@@ -21,7 +21,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
-from segjax.models import deeplab, fcn, resnet, vgg
+from segjax.models import deeplab, fcn, layers, resnet, vgg
 
 BACKBONES = {
     'vgg16': vgg.VGG16,
@@ -81,6 +81,7 @@ def default_model_config(name: str = 'fcn8s') -> ml_collections.ConfigDict:
         'fc_kernel_size': 7,
         'dtype': 'float32',
         'dropout_rate': 0.5,
+        'fc_init': 'normal',    # VGG fc6/fc7: 'normal' N(0, 0.01) | 'he' (from scratch)
     })
   return ml_collections.ConfigDict({
       'name': name,
@@ -93,6 +94,7 @@ def default_model_config(name: str = 'fcn8s') -> ml_collections.ConfigDict:
       'atrous_rates': (),     # () = the paper's; else one per branch (v1: fc6's rate)
       'input_scales': (),     # () = single scale; else starts with 1.0 (v2 MSC)
       'freeze_bn': False,
+      'fc_init': 'normal',      # fc6/fc7 (v1 VGG, v2 ASPP): 'normal' N(0, 0.01) | 'he'
   })
 
 
@@ -159,6 +161,7 @@ def validate_model_config(model_config: ml_collections.ConfigDict) -> None:
   _check_number('dropout_rate', c.dropout_rate,
                 isinstance(c.dropout_rate, numbers.Real) and 0.0 <= c.dropout_rate < 1.0,
                 'in [0, 1)')
+  _choice('fc_init', c.fc_init, layers.FC_INITS)
   if not isinstance(c.aux_loss, bool):
     raise ValueError(f'model.aux_loss={c.aux_loss!r} must be True or False')
   if c.name in FCN_MODELS:
@@ -212,7 +215,7 @@ def build_backbone(model_config: ml_collections.ConfigDict, *,
                 output_stride=int(c.output_stride), bn_axis_name=bn_axis_name,
                 dtype=DTYPES[c.dtype])
   if _family(c.backbone) == 'vgg':
-    kwargs.update(dropout_rate=float(c.dropout_rate), **_vgg_fc(c))
+    kwargs.update(dropout_rate=float(c.dropout_rate), fc_init=c.fc_init, **_vgg_fc(c))
   return BACKBONES[c.backbone](**kwargs)
 
 
@@ -249,5 +252,6 @@ def build_model(model_config: ml_collections.ConfigDict, *, num_classes: int,
       aux_loss=bool(c.aux_loss),
       width_multiplier=float(c.width_multiplier),
       dropout_rate=float(c.dropout_rate),
+      fc_init=c.fc_init,
       bn_axis_name=bn_axis_name,
       dtype=DTYPES[c.dtype])

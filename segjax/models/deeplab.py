@@ -170,16 +170,18 @@ class FCBranch(nn.Module):
   rate: int
   kernel_size: int = 3
   dropout_rate: float = 0.5
+  fc_init: str = 'normal'
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    init = nn.initializers.normal(0.01)
+    init = layers.FC_INITS[self.fc_init]
     drop = lambda y: nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(y))
     x = drop(layers.conv2d(self.width, self.kernel_size, dilation=self.rate,
                            dtype=self.dtype, kernel_init=init, name='fc6')(x))
     x = drop(layers.conv2d(self.width, 1, dtype=self.dtype, kernel_init=init, name='fc7')(x))
-    return layers.conv2d(self.num_classes, 1, dtype=self.dtype, kernel_init=init,
+    return layers.conv2d(self.num_classes, 1, dtype=self.dtype,
+                         kernel_init=nn.initializers.normal(0.01),
                          name='fc8')(x)
 
 
@@ -252,6 +254,8 @@ class DeepLab(nn.Module):
     aux_loss: add torchvision's FCNHead on `feature_names.aux` ('aux_logits').
     width_multiplier: scales the head's channel counts like the backbone's.
     dropout_rate: dropout of the head (fc6/fc7 for v1/v2, ASPP projection for v3/v3+).
+    fc_init: v2 ASPP branches' fc6/fc7 initialiser (`layers.FC_INITS`; v1's are the
+      backbone's).
   """
   backbone: nn.Module
   num_classes: int
@@ -262,6 +266,7 @@ class DeepLab(nn.Module):
   aux_loss: bool = False
   width_multiplier: float = 1.0
   dropout_rate: float = 0.5
+  fc_init: str = 'normal'
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
 
@@ -366,7 +371,8 @@ class DeepLabV2(DeepLab):
   def make_head(self, *, train: bool, bn_train: bool) -> HeadFn:
     del bn_train
     branches = [FCBranch(self.num_classes, self.width(V2_BRANCH_WIDTH), rate,
-                         dropout_rate=self.dropout_rate, dtype=self.dtype, name=f'aspp_{i}')
+                         dropout_rate=self.dropout_rate, fc_init=self.fc_init, dtype=self.dtype,
+                         name=f'aspp_{i}')
                 for i, rate in enumerate(self.atrous_rates)]
 
     def head(image, feats):

@@ -353,3 +353,14 @@ def max_unpool(values: jax.Array, indices: jax.Array,
   ci = jnp.arange(c)[None, None, :]
   out = out.at[bi, flat_i, ci].set(flat_v)
   return out.reshape(b, h, w, c)
+
+
+# Initialisers of the fully connected layers held as convolutions (VGG fc6/fc7, DeepLab
+# v2 ASPP fc6/fc7). 'normal': N(0, 0.01), VGG's and torchvision's nn.Linear init, the
+# papers' choice when fine-tuning from ImageNet weights. 'he': He et al. 2015 normal
+# (fan in, ReLU gain), the usual choice from scratch. (On digit_scenes, 1,000 steps from
+# scratch, the two gave the same result: experiments/deeplab_digit_scenes.)
+FC_INITS = {
+    'normal': nn.initializers.normal(0.01),
+    'he': nn.initializers.he_normal(),
+}

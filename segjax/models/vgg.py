@@ -78,6 +78,7 @@ class VGG(nn.Module):
     dropout_rate: after fc6 and fc7 ReLUs, train only (rng name 'dropout').
     fc_width: fc6/fc7 channels before width scaling; 0 = no fc6/fc7.
     fc_dilation: fc6 rate; None = the output-stride rule (1, 2 or 4).
+    fc_init: fc6/fc7 kernel initialiser, a key of `layers.FC_INITS`.
     bn_axis_name: pmap axis for BatchNorm statistics.
     dtype: compute dtype (params stay float32).
   """
@@ -89,6 +90,7 @@ class VGG(nn.Module):
   dropout_rate: float = 0.5
   fc_width: int = FC_WIDTH
   fc_dilation: int | None = None
+  fc_init: str = 'normal'
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
 
@@ -133,7 +135,7 @@ class VGG(nn.Module):
     if not self.fc_width:
       return features
 
-    fc_init = nn.initializers.normal(0.01)  # torchvision's nn.Linear init in VGG
+    fc_init = layers.FC_INITS[self.fc_init]  # 'normal': torchvision's nn.Linear init in VGG
     fc_width = scale_width(self.fc_width, self.width_multiplier)
     drop = partial(nn.Dropout, self.dropout_rate, deterministic=not train)
     fc_dilation = dilation if self.fc_dilation is None else self.fc_dilation
