@@ -18,9 +18,7 @@ all-gather of detections; not implemented).
 from __future__ import annotations
 
 import functools
-import json
 import os
-import time
 from typing import Any
 
 import flax
@@ -29,17 +27,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 from jax import lax
 
 from segjax import detection_config
 from segjax.data import instance_pipeline, sources
 from segjax.evaluation import coco_eval
 from segjax.models.detection import mask_rcnn
-from segjax.train import checkpoints, metric_writer, optimizers, parallel
+from segjax.train import checkpoints, loop, metric_writer, optimizers, parallel
 from segjax.train.state import TrainState
 
-_MAX_STEPS_IN_FLIGHT = 8  # see trainer.py: sync often on simulated CPU devices
 # Outputs fetched from the device at evaluation (proposals stay there).
 _EVAL_OUTPUTS = ('boxes', 'scores', 'labels', 'valid', 'mask_probs', 'mask_scores')
 
@@ -215,15 +211,6 @@ def build_ground_truth(config):
                                             c.num_classes)
 
 
-def _drop_records_after(path: str, step: int) -> None:
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
-  with open(path, 'w') as f:
-    f.writelines(lines)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains a detector in `workdir` (resuming from its checkpoints); returns final COCO metrics."""
   detection_config.validate_detection_config(config)
@@ -249,60 +236,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                           keep=config.keep_checkpoints,
                                           keep_best=config.keep_best_checkpoints)
   writer = metric_writer.MetricWriter(workdir)
-  if checkpointer.latest_step() is not None:
-    state, data_state = checkpointer.restore(state)
-    train_iter.set_state(data_state)
-    logging.info('Resumed from %s at step %d.', checkpointer.directory, int(state.step))
-    if writer.enabled:
-      _drop_records_after(writer.path, int(state.step))
-  else:
-    num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
-    logging.info('Starting %s/%s from scratch: %d parameters, %d device(s), parallel=%s.',
-                 config.model.name, config.model.backbone, num_params, driver.num_devices,
-                 config.parallel)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-
-  device_state = driver.put_state(state)
-  step = int(state.step)
-  pending: list[dict[str, Any]] = []
-  window_start, window_steps = time.perf_counter(), 0
-  eval_metrics = None
-  while step < config.num_train_steps:
-    batch = next(train_iter)
-    device_state, metrics = driver.train_step(device_state, batch)
-    step += 1
-    window_steps += 1
-    pending.append(metrics)
-    is_last = step == config.num_train_steps
-    if len(pending) >= _MAX_STEPS_IN_FLIGHT:
-      jax.block_until_ready(pending[-1])
-    if step % config.log_every_steps == 0 or is_last:
-      fetched = jax.device_get(pending)
-      pending = []
-      mean_metrics = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-      steps_per_second = window_steps / (time.perf_counter() - window_start)
-      images_per_second = steps_per_second * config.batch_size
-      metric_writer.log_train(step, config.num_train_steps, mean_metrics, steps_per_second,
-                              images_per_second)
-      writer.write(step, 'train', {**mean_metrics, 'steps_per_second': steps_per_second,
-                                   'images_per_second': images_per_second})
-    eval_metrics = None
-    if step % config.eval_every_steps == 0 or is_last:
-      start = time.perf_counter()
-      eval_metrics = evaluate(predictor, device_state, eval_loader, ground_truth,
-                              iou_types=types, segm_score_key=score_key)
-      logging.info('eval at step %d (%.1fs): %s', step, time.perf_counter() - start,
-                   format_metrics(eval_metrics))
-      writer.write(step, 'eval', eval_metrics)
-    if step % config.checkpoint_every_steps == 0 or is_last or eval_metrics is not None:
-      checkpointer.save(driver.get_state(device_state), train_iter.get_state())
-    if eval_metrics is not None or step % config.checkpoint_every_steps == 0:
-      window_start, window_steps = time.perf_counter(), 0
-
-  if eval_metrics is None:  # Resumed a finished run: report its final numbers again.
-    eval_metrics = evaluate(predictor, device_state, eval_loader, ground_truth,
-                            iou_types=types, segm_score_key=score_key)
+  state = loop.start_or_resume(config, workdir, state, train_iter, checkpointer, writer,
+                               driver.num_devices)
+  eval_metrics = loop.train(
+      config, driver=driver, device_state=driver.put_state(state), start_step=int(state.step),
+      train_iter=train_iter, checkpointer=checkpointer, writer=writer,
+      evaluate=lambda device_state: evaluate(predictor, device_state, eval_loader, ground_truth,
+                                             iou_types=types, segm_score_key=score_key),
+      summarize=format_metrics)
   checkpointer.wait()
   checkpointer.close()
   writer.close()

@@ -7,26 +7,18 @@ all restored, so the resumed run continues exactly where the saved one stood.
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from typing import Any
 
 import jax
 import numpy as np
-from absl import logging
 
 from segjax import config_validation
 from segjax.data import pipeline
 from segjax.evaluation.segmentation_metrics import metrics_from_confusion
 from segjax.models import build_model
-from segjax.train import checkpoints, metric_writer, optimizers, parallel, steps
+from segjax.train import checkpoints, loop, metric_writer, optimizers, parallel, steps
 from segjax.train.state import TrainState, create_train_state
-
-# Fetch step metrics at least this often: many multi-device steps queued without a
-# sync can abort XLA:CPU with a rendezvous timeout (DESIGN.md, sharp edges).
-_MAX_STEPS_IN_FLIGHT = 8
-
 
 def create_state(config) -> TrainState:
   """The initial TrainState of `config` (host arrays, before any driver placement)."""
@@ -60,14 +52,8 @@ def evaluate(driver, device_state, eval_loader, num_classes: int,
   return metrics_from_confusion(np.asarray(jax.device_get(confusion)), class_names)
 
 
-def _drop_records_after(path: str, step: int) -> None:
-  """On resume, forget metrics logged after the checkpoint, which will be recomputed."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = [line for line in f if line.strip() and json.loads(line)['step'] <= step]
-  with open(path, 'w') as f:
-    f.writelines(lines)
+def summarize(metrics: dict[str, float]) -> str:
+  return ' '.join(f'{k}={metrics[k]:.4f}' for k in ('miou', 'pixel_accuracy', 'mean_accuracy'))
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
@@ -91,63 +77,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       os.path.join(workdir, 'checkpoints'), keep=config.keep_checkpoints,
       keep_best=config.keep_best_checkpoints)
   writer = metric_writer.MetricWriter(workdir)
-  if checkpointer.latest_step() is not None:
-    state, data_state = checkpointer.restore(state)
-    train_iter.set_state(data_state)
-    logging.info('Resumed from %s at step %d.', checkpointer.directory, int(state.step))
-    if writer.enabled:
-      _drop_records_after(writer.path, int(state.step))
-  else:
-    num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
-    logging.info('Starting %s/%s from scratch: %d parameters, %d device(s), parallel=%s.',
-                 config.model.name, config.model.backbone, num_params, driver.num_devices,
-                 config.parallel)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
-
-  device_state = driver.put_state(state)
-  step = int(state.step)
-  pending: list[dict[str, Any]] = []
-  window_start, window_steps = time.perf_counter(), 0
-  eval_metrics: dict[str, float] | None = None
-  while step < config.num_train_steps:
-    batch = next(train_iter)
-    device_state, metrics = driver.train_step(device_state, batch)
-    step += 1
-    window_steps += 1
-    pending.append(metrics)
-    is_last = step == config.num_train_steps
-    if len(pending) >= _MAX_STEPS_IN_FLIGHT:
-      jax.block_until_ready(pending[-1])
-    if step % config.log_every_steps == 0 or is_last:
-      fetched = jax.device_get(pending)
-      pending = []
-      mean_metrics = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-      elapsed = time.perf_counter() - window_start
-      steps_per_second = window_steps / elapsed
-      images_per_second = steps_per_second * config.batch_size
-      metric_writer.log_train(step, config.num_train_steps, mean_metrics, steps_per_second,
-                              images_per_second)
-      writer.write(step, 'train', {**mean_metrics, 'steps_per_second': steps_per_second,
-                                   'images_per_second': images_per_second})
-
-    eval_metrics = None
-    if step % config.eval_every_steps == 0 or is_last:
-      eval_start = time.perf_counter()
-      eval_metrics = evaluate(driver, device_state, eval_loader, num_classes, class_names)
-      logging.info('eval at step %d: miou=%.4f pixel_accuracy=%.4f mean_accuracy=%.4f (%.1fs)',
-                   step, eval_metrics['miou'], eval_metrics['pixel_accuracy'],
-                   eval_metrics['mean_accuracy'], time.perf_counter() - eval_start)
-      writer.write(step, 'eval', eval_metrics)
-    if step % config.checkpoint_every_steps == 0 or is_last or eval_metrics is not None:
-      checkpointer.save(driver.get_state(device_state), train_iter.get_state(),
-                        metrics=eval_metrics)
-    if eval_metrics is not None or step % config.checkpoint_every_steps == 0:
-      window_start, window_steps = time.perf_counter(), 0
-
-  if eval_metrics is None:  # Resumed a finished run: report its final numbers again.
-    eval_metrics = evaluate(driver, device_state, eval_loader, num_classes, class_names)
-    logging.info('already trained to step %d; eval miou=%.4f', step, eval_metrics['miou'])
+  state = loop.start_or_resume(config, workdir, state, train_iter, checkpointer, writer,
+                               driver.num_devices)
+  eval_metrics = loop.train(
+      config, driver=driver, device_state=driver.put_state(state), start_step=int(state.step),
+      train_iter=train_iter, checkpointer=checkpointer, writer=writer,
+      evaluate=lambda device_state: evaluate(driver, device_state, eval_loader, num_classes,
+                                             class_names),
+      summarize=summarize, rank_checkpoints=True)
   checkpointer.wait()
   checkpointer.close()
   writer.close()
