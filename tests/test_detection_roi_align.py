@@ -196,5 +196,6 @@ def test_bad_arguments_name_the_value_and_choices():
 def test_auto_impl_choice():
   assert roi_align_lib.resolve_impl('gather', (9, 9)) == 'gather'
   if jax.default_backend() == 'cpu':
-    assert roi_align_lib.resolve_impl('auto', (2, 2)) == 'gather'
+    assert roi_align_lib.resolve_impl('auto', (1, 1)) == 'gather'
+    assert roi_align_lib.resolve_impl('auto', (2, 2)) == 'matmul'
     assert roi_align_lib.resolve_impl('auto', (8, 8)) == 'matmul'

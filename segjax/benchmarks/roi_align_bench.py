@@ -94,7 +94,7 @@ def main():
   parser.add_argument('--quick', action='store_true', help='3 repeats, sampling_ratio 2 only')
   args = parser.parse_args()
   repeats = 3 if args.quick else args.repeats
-  settings = [2] if args.quick else [2, -1]
+  settings = [2] if args.quick else [1, 2, -1]
   features, boxes, grad_out = make_inputs()
   try:
     import torchvision  # noqa: F401

@@ -57,9 +57,11 @@ import jax.numpy as jnp
 
 IMPLS = ('auto', 'gather', 'matmul')
 
-# 'auto' on CPU/GPU picks 'gather' while a bin has at most this many samples
-# (gh * gw) and 'matmul' above; measured in experiments/roi_align/results.md.
-_AUTO_GATHER_MAX_TAPS = 16
+# 'auto' picks 'gather' while a bin has at most this many samples (gh * gw) and
+# 'matmul' above. CPU: measured in experiments/roi_align/results.md (512 boxes, 7x7:
+# 'gather' wins at 1 sample per bin, 'matmul' from 2x2 on). GPU: not measured here
+# (no GPU was available); gathers are cheap there, so 'gather' up to 4x4.
+_AUTO_GATHER_MAX_TAPS = {'cpu': 1, 'gpu': 16}
 
 # Boxes per step of the CPU 'matmul' loop (measured in experiments/roi_align).
 _MATMUL_CHUNK = 16
@@ -116,7 +118,8 @@ def resolve_impl(impl: str, samples: tuple[int, int]) -> str:
     return impl
   if jax.default_backend() == 'tpu':
     return 'matmul'
-  return 'gather' if samples[0] * samples[1] <= _AUTO_GATHER_MAX_TAPS else 'matmul'
+  max_taps = _AUTO_GATHER_MAX_TAPS.get(jax.default_backend(), _AUTO_GATHER_MAX_TAPS['gpu'])
+  return 'gather' if samples[0] * samples[1] <= max_taps else 'matmul'
 
 
 def ieee_divide(numerator: jax.Array, denominator) -> jax.Array:
