@@ -7,7 +7,9 @@ Paper settings on PASCAL VOC 2012 (needs the VOC builder, not in segjax yet):
 Evaluate with the dense CRF (reruns only the evaluation of a finished run):
   python -m segjax.main --config=configs/deeplab_v1_largefov.py --workdir=/tmp/deeplab_v1_largefov \\
       --config.eval.crf.enabled=True
-Expected result on digit_scenes: EXPECTED
+Expected result on digit_scenes: val mIoU 0.083 (all background: the quarter-width VGG-16-BN from
+scratch does not leave the all-background solution in 3,000 steps), 0.083 with the CRF;
+experiments/deeplab_digit_scenes.
 """
 
 from segjax import base_config

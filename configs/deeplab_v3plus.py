@@ -7,7 +7,8 @@ Paper settings on PASCAL VOC 2012 (needs the VOC builder, not in segjax yet):
 Evaluate with the dense CRF (reruns only the evaluation of a finished run):
   python -m segjax.main --config=configs/deeplab_v3plus.py --workdir=/tmp/deeplab_v3plus \\
       --config.eval.crf.enabled=True
-Expected result on digit_scenes: EXPECTED
+Expected result on digit_scenes: val mIoU 0.535, 0.568 with the CRF (3,000 steps; 19 min on the
+2-core CPU while two other runs shared it); experiments/deeplab_digit_scenes.
 """
 
 from segjax import base_config
