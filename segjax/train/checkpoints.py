@@ -6,7 +6,8 @@ wrote it) and 'data' (the grain iterator state, so a resumed run sees exactly th
 batches an uninterrupted one would). Saves are asynchronous and atomic: Orbax
 writes to a temporary directory and renames it when complete, so a killed run
 leaves no partial checkpoint as the latest. Retention keeps the latest
-`keep` checkpoints plus the `keep_best` best by validation mIoU.
+`keep` checkpoints plus the `keep_best` best by a validation metric (mIoU for the
+semantic models, COCO AP for the detectors).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from orbax.checkpoint import checkpoint_managers
 
 from segjax.train.state import TrainState
 
-BEST_METRIC = 'miou'
 
 
 def state_arrays(state: TrainState) -> dict[str, Any]:
@@ -33,12 +33,13 @@ class Checkpointer:
   """Save / restore (TrainState, data-iterator state) pairs under `directory`."""
 
   def __init__(self, directory: str, *, keep: int = 2, keep_best: int = 1,
-               async_save: bool = True):
+               best_metric: str = 'miou', async_save: bool = True):
     # Orbax resolves relative paths only later, in a background thread (DESIGN.md).
     self.directory = os.path.abspath(directory)
+    self.best_metric = best_metric
     policy = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(keep),
-        checkpoint_managers.BestN(get_metric_fn=lambda m: m[BEST_METRIC],
+        checkpoint_managers.BestN(get_metric_fn=lambda m: m[best_metric],
                                   n=keep_best, keep_checkpoints_without_metrics=False),
     ])
     options = ocp.CheckpointManagerOptions(
@@ -55,8 +56,8 @@ class Checkpointer:
     arrays = jax.device_get(state_arrays(state))
     step = int(arrays['step'])
     best_metrics = None
-    if metrics is not None and BEST_METRIC in metrics:
-      best_metrics = {BEST_METRIC: float(metrics[BEST_METRIC])}
+    if metrics is not None and self.best_metric in metrics:
+      best_metrics = {self.best_metric: float(metrics[self.best_metric])}
     return self.manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(arrays),
                                       data=ocp.args.JsonSave(_encode(data_state))),

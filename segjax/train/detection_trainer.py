@@ -234,7 +234,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   checkpointer = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                           keep=config.keep_checkpoints,
-                                          keep_best=config.keep_best_checkpoints)
+                                          keep_best=config.keep_best_checkpoints,
+                                          best_metric=f'{types[-1]}_AP')
   writer = metric_writer.MetricWriter(workdir)
   state = loop.start_or_resume(config, workdir, state, train_iter, checkpointer, writer,
                                driver.num_devices)
@@ -243,7 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       train_iter=train_iter, checkpointer=checkpointer, writer=writer,
       evaluate=lambda device_state: evaluate(predictor, device_state, eval_loader, ground_truth,
                                              iou_types=types, segm_score_key=score_key),
-      summarize=format_metrics)
+      summarize=format_metrics, rank_checkpoints=True)
   checkpointer.wait()
   checkpointer.close()
   writer.close()

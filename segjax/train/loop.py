@@ -73,7 +73,7 @@ def train(config, *, driver, device_state, start_step: int, train_iter,
     evaluate: device_state -> metrics of the whole eval split.
     summarize: metrics -> the short text logged after each evaluation.
     rank_checkpoints: give each evaluated checkpoint its metrics (the Checkpointer
-      keeps the best by mIoU as well as the latest).
+      keeps the best by its `best_metric` as well as the latest).
 
   A run that is already finished is evaluated again (so a rerun with other
   evaluation settings, e.g. the dense CRF, reports them) without training.
