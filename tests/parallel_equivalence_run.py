@@ -16,7 +16,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from segjax import base_config
-from segjax.train import checkpoints, parallel, steps, trainer
+from segjax.train import checkpoints, steps, trainer
 
 NUM_STEPS = 4
 
