@@ -4,16 +4,18 @@
   python -m segjax.main --config=configs/fcn8s.py:voc --workdir=runs/fcn8s_voc \
       --config.batch_size=20
 
-Rerun the same command in the same workdir to resume.
+Rerun the same command in the same workdir to resume. SIGTERM or Ctrl-C saves a
+checkpoint of the current step first and exits with status 128 + signal number.
 """
 
 import logging as std_logging
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from segjax.train import detection_trainer, trainer
+from segjax.train import detection_trainer, loop, trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:preset]).',
                                           lock_config=True)
@@ -36,11 +38,15 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   if not _LIBRARY_LOGS.value:
     logging.get_absl_handler().addFilter(_OnlySegjaxInfo())
-  if detection_trainer.is_instance_config(_CONFIG.value):
-    metrics = detection_trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    logging.info('final eval: %s', detection_trainer.format_metrics(metrics))
-    return
-  metrics = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    if detection_trainer.is_instance_config(_CONFIG.value):
+      metrics = detection_trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+      logging.info('final eval: %s', detection_trainer.format_metrics(metrics))
+      return
+    metrics = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except loop.Interrupted as stopped:
+    logging.error('%s', stopped)
+    sys.exit(128 + stopped.signum)
   logging.info('final eval: miou=%.4f pixel_accuracy=%.4f', metrics['miou'],
                metrics['pixel_accuracy'])
 

@@ -3,6 +3,7 @@ train + eval + checkpoint, and kill -9 then rerun resuming to identical paramete
 
 import importlib.util
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -78,23 +79,45 @@ def _final_state(workdir):
   return state
 
 
-def test_kill_and_rerun_resumes_to_identical_parameters(tmp_path, data_dir):
-  steps = 40
-  overrides = _tiny_overrides(data_dir, steps, 4, steps)
-  reference = tmp_path / 'reference'
+_STEPS = 40
+
+
+@pytest.fixture(scope='module')
+def reference_run(tmp_path_factory, data_dir):
+  """An uninterrupted 40-step run: (its overrides, its final state arrays)."""
+  overrides = _tiny_overrides(data_dir, _STEPS, 4, _STEPS)
+  reference = tmp_path_factory.mktemp('reference')
   result = subprocess.run(_command(reference, overrides), capture_output=True, text=True,
                           timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-4000:]
+  return overrides, checkpoints.state_arrays(_final_state(str(reference)))
+
+
+def _assert_same_arrays(expected, actual):
+  leaves = jax.tree_util.tree_leaves
+  for a, b in zip(leaves(expected), leaves(actual), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def _wait_for(predicate, process, timeout=300):
+  deadline = time.time() + timeout
+  while time.time() < deadline and process.poll() is None:
+    if predicate():
+      return True
+    time.sleep(0.05)
+  return False
+
+
+def test_kill_and_rerun_resumes_to_identical_parameters(tmp_path, reference_run):
+  steps = _STEPS
+  overrides, expected = reference_run
 
   interrupted = tmp_path / 'interrupted'
   process = subprocess.Popen(_command(interrupted, overrides), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
   checkpoint_dir = interrupted / 'checkpoints'
-  deadline = time.time() + 300
-  while time.time() < deadline and process.poll() is None:
-    if checkpoint_dir.exists() and any(p.name.isdigit() for p in checkpoint_dir.iterdir()):
-      break
-    time.sleep(0.05)
+  _wait_for(lambda: checkpoint_dir.exists()
+            and any(p.name.isdigit() for p in checkpoint_dir.iterdir()), process)
   process.send_signal(signal.SIGKILL)
   process.wait()
   saved = checkpoints.Checkpointer(str(checkpoint_dir)).latest_step()
@@ -107,8 +130,34 @@ def test_kill_and_rerun_resumes_to_identical_parameters(tmp_path, data_dir):
   train_steps = [r['step'] for r in metric_writer.read_metrics(str(interrupted), 'train')]
   assert train_steps == list(range(2, steps + 1, 2))  # no step logged twice or lost
 
-  expected = checkpoints.state_arrays(_final_state(str(reference)))
   actual = checkpoints.state_arrays(_final_state(str(interrupted)))
   assert int(actual['step']) == steps
-  for a, b in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(actual)):
-    np.testing.assert_array_equal(a, b)
+  _assert_same_arrays(expected, actual)
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_the_current_step_exits_and_rerun_finishes_identically(
+    tmp_path, reference_run, signum):
+  overrides, expected = reference_run
+  workdir = tmp_path / 'preempted'
+  process = subprocess.Popen(_command(workdir, overrides), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+  # Signal once training has logged a step (the handlers are installed by then).
+  metrics = workdir / 'metrics.jsonl'
+  assert _wait_for(lambda: metrics.exists() and metrics.read_text().strip(), process)
+  process.send_signal(signum)
+  _, stderr = process.communicate(timeout=300)
+  assert process.returncode == 128 + signum, stderr[-3000:]
+  match = re.search(rf'{signal.Signals(signum).name} received: stopped after step (\d+) '
+                    r'and saved a checkpoint of it; rerun the same command to resume', stderr)
+  assert match, stderr[-3000:]
+  stopped = int(match.group(1))
+  assert 2 <= stopped < _STEPS
+  # The checkpoint is of the step it stopped at, even between periodic saves.
+  assert checkpoints.Checkpointer(str(workdir / 'checkpoints')).latest_step() == stopped
+
+  resumed = subprocess.run(_command(workdir, overrides), capture_output=True, text=True,
+                           timeout=600, check=False)
+  assert resumed.returncode == 0, resumed.stderr[-4000:]
+  assert f'at step {stopped}.' in resumed.stderr
+  _assert_same_arrays(expected, checkpoints.state_arrays(_final_state(str(workdir))))

@@ -239,15 +239,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = metric_writer.MetricWriter(workdir)
   state = loop.start_or_resume(config, workdir, state, train_iter, checkpointer, writer,
                                driver.num_devices)
-  eval_metrics = loop.train(
-      config, driver=driver, device_state=driver.put_state(state), start_step=int(state.step),
-      train_iter=train_iter, checkpointer=checkpointer, writer=writer,
-      evaluate=lambda device_state: evaluate(predictor, device_state, eval_loader, ground_truth,
-                                             iou_types=types, segm_score_key=score_key),
-      summarize=format_metrics, rank_checkpoints=True)
-  checkpointer.wait()
-  checkpointer.close()
-  writer.close()
+  try:
+    eval_metrics = loop.train(
+        config, driver=driver, device_state=driver.put_state(state), start_step=int(state.step),
+        train_iter=train_iter, checkpointer=checkpointer, writer=writer,
+        evaluate=lambda device_state: evaluate(predictor, device_state, eval_loader, ground_truth,
+                                               iou_types=types, segm_score_key=score_key),
+        summarize=format_metrics, rank_checkpoints=True)
+  finally:
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
   return eval_metrics
 
 

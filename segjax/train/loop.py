@@ -6,12 +6,21 @@ log every `log_every_steps`, evaluate every `eval_every_steps` and at the end,
 checkpoint every `checkpoint_every_steps`, after each evaluation and at the end.
 Rerunning in the same workdir resumes from the latest checkpoint: step,
 parameters, optimizer, rng and the input iterator's position.
+
+SIGTERM (preemption) or SIGINT (Ctrl-C) during `train`: the current step
+finishes, a checkpoint of it is written (and waited for), and `Interrupted` is
+raised; `segjax.main` turns it into exit status 128 + signal number with a line
+saying how to resume. A second signal of the same kind, or `kill -9`, stops the
+process at once; rerunning resumes from the latest complete checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +35,50 @@ from segjax.train.state import TrainState
 # Fetch step metrics at least this often: many multi-device steps queued without a
 # sync can abort XLA:CPU with a rendezvous timeout (DESIGN.md, sharp edges).
 MAX_STEPS_IN_FLIGHT = 8
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Interrupted(Exception):
+  """Training stopped by a signal after saving a checkpoint of `step`."""
+
+  def __init__(self, signum: int, step: int):
+    self.signum, self.step = signum, step
+    super().__init__(f'{signal.Signals(signum).name} received: stopped after step {step} '
+                     'and saved a checkpoint of it; rerun the same command to resume.')
+
+
+@contextlib.contextmanager
+def _stop_requests():
+  """Yields a list that receives the number of the first SIGTERM / SIGINT that arrives.
+
+  The first signal only records itself (the loop stops at the end of its step);
+  a second one gets the previous handler (SIGINT: KeyboardInterrupt). Off the main
+  thread, where Python cannot install handlers, nothing is caught.
+  """
+  received: list[int] = []
+  if threading.current_thread() is not threading.main_thread():
+    yield received
+    return
+  previous = {signum: signal.getsignal(signum) for signum in _STOP_SIGNALS}
+
+  def handler(signum, frame):
+    if received:
+      signal.signal(signum, previous[signum])
+      signal.raise_signal(signum)
+      return
+    logging.warning('%s received: stopping after this step and saving a checkpoint.',
+                    signal.Signals(signum).name)
+    received.append(signum)
+
+  for signum in _STOP_SIGNALS:
+    signal.signal(signum, handler)
+  try:
+    yield received
+  finally:
+    for signum, old in previous.items():
+      signal.signal(signum, old)
 
 
 def drop_records_after(path: str, step: int) -> None:
@@ -77,8 +130,18 @@ def train(config, *, driver, device_state, start_step: int, train_iter,
 
   A run that is already finished is evaluated again (so a rerun with other
   evaluation settings, e.g. the dense CRF, reports them) without training.
+
+  Raises:
+    Interrupted: after SIGTERM / SIGINT, once the checkpoint of the current step is saved.
   """
-  step = start_step
+  with _stop_requests() as stop:
+    return _train(config, stop, driver=driver, device_state=device_state, step=start_step,
+                  train_iter=train_iter, checkpointer=checkpointer, writer=writer,
+                  evaluate=evaluate, summarize=summarize, rank_checkpoints=rank_checkpoints)
+
+
+def _train(config, stop: list[int], *, driver, device_state, step: int, train_iter, checkpointer,
+           writer, evaluate, summarize, rank_checkpoints: bool) -> dict[str, float]:
   pending: list[dict[str, Any]] = []
   window_start, window_steps = time.perf_counter(), 0
   eval_metrics = None
@@ -108,9 +171,12 @@ def train(config, *, driver, device_state, start_step: int, train_iter,
       logging.info('eval at step %d (%.1fs): %s', step, time.perf_counter() - start,
                    summarize(eval_metrics))
       writer.write(step, 'eval', eval_metrics)
-    if step % config.checkpoint_every_steps == 0 or is_last or eval_metrics is not None:
+    if step % config.checkpoint_every_steps == 0 or is_last or eval_metrics is not None or stop:
       checkpointer.save(driver.get_state(device_state), train_iter.get_state(),
                         metrics=eval_metrics if rank_checkpoints else None)
+    if stop and step < config.num_train_steps:
+      checkpointer.wait()
+      raise Interrupted(stop[0], step)
     if eval_metrics is not None or step % config.checkpoint_every_steps == 0:
       window_start, window_steps = time.perf_counter(), 0
 

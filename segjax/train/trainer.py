@@ -79,13 +79,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   writer = metric_writer.MetricWriter(workdir)
   state = loop.start_or_resume(config, workdir, state, train_iter, checkpointer, writer,
                                driver.num_devices)
-  eval_metrics = loop.train(
-      config, driver=driver, device_state=driver.put_state(state), start_step=int(state.step),
-      train_iter=train_iter, checkpointer=checkpointer, writer=writer,
-      evaluate=lambda device_state: evaluate(driver, device_state, eval_loader, num_classes,
-                                             class_names),
-      summarize=summarize, rank_checkpoints=True)
-  checkpointer.wait()
-  checkpointer.close()
-  writer.close()
+  try:
+    eval_metrics = loop.train(
+        config, driver=driver, device_state=driver.put_state(state), start_step=int(state.step),
+        train_iter=train_iter, checkpointer=checkpointer, writer=writer,
+        evaluate=lambda device_state: evaluate(driver, device_state, eval_loader, num_classes,
+                                               class_names),
+        summarize=summarize, rank_checkpoints=True)
+  finally:
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
   return eval_metrics
