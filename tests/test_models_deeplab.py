@@ -301,7 +301,8 @@ def test_freeze_bn_uses_and_keeps_running_statistics():
     ('deeplab_v3', 'upsampling', 'bilinear',
      "unknown model config field(s) ['upsampling'] for model.name='deeplab_v3'; known "
      "fields are ['atrous_rates', 'aux_loss', 'backbone', 'dropout_rate', 'dtype', "
-     "'freeze_bn', 'input_scales', 'name', 'output_stride', 'width_multiplier']"),
+     "'fc_init', 'freeze_bn', 'input_scales', 'name', 'output_stride', "
+     "'width_multiplier']"),
 ])
 def test_bad_deeplab_values_are_named(name, field, value, expected):
   config = models.default_model_config(name)
