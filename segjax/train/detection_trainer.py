@@ -139,7 +139,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, axis_name: str
     batch_stats = state.batch_stats
   new_state = state.apply_gradients(grads, batch_stats=batch_stats)
   metrics = {name: global_sum(value) for name, value in losses.items()}
-  metrics['grad_norm'] = optax.global_norm(grads)
+  metrics['grad_norm'] = optax.tree.norm(grads)
   metrics['num_gt'] = global_sum(jnp.sum(batch['gt_valid'], dtype=jnp.float32))
   if learning_rate_fn is not None:
     metrics['learning_rate'] = learning_rate_fn(state.step)

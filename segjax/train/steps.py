@@ -116,7 +116,7 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray], *,
       'loss': global_sum(loss),
       'main_loss': global_sum(main_loss),
       'pixel_accuracy': global_sum(correct) / jnp.maximum(global_sum(jnp.sum(labelled)), 1),
-      'grad_norm': optax.global_norm(grads),
+      'grad_norm': optax.tree.norm(grads),
   }
   if learning_rate_fn is not None:
     metrics['learning_rate'] = learning_rate_fn(state.step)
