@@ -32,9 +32,23 @@ class _OnlySegjaxInfo(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or f'{os.sep}segjax{os.sep}' in record.pathname
 
 
+def _check_workdir(workdir: str) -> None:
+  """A usable --workdir (created if missing), or exit status 1 with a line naming it."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise SystemExit(f'error: --workdir={workdir!r} is a file, not a directory; give a new or '
+                         'existing directory (a run resumes from its checkpoints)')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as error:
+    raise SystemExit(f'error: --workdir={workdir!r} cannot be created: {error}') from error
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise SystemExit(f'error: --workdir={workdir!r} is not writable')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  _check_workdir(_WORKDIR.value)
   logging.set_verbosity(logging.INFO)
   if not _LIBRARY_LOGS.value:
     logging.get_absl_handler().addFilter(_OnlySegjaxInfo())

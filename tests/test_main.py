@@ -161,3 +161,16 @@ def test_signal_saves_the_current_step_exits_and_rerun_finishes_identically(
   assert resumed.returncode == 0, resumed.stderr[-4000:]
   assert f'at step {stopped}.' in resumed.stderr
   _assert_same_arrays(expected, checkpoints.state_arrays(_final_state(str(workdir))))
+
+
+@pytest.mark.parametrize('kind', ['file', 'under_a_file'])
+def test_bad_workdir_fails_first_naming_it(tmp_path, kind):
+  blocker = tmp_path / 'not_a_dir'
+  blocker.write_text('x')
+  workdir = blocker if kind == 'file' else blocker / 'run'
+  result = subprocess.run(_command(workdir, []), capture_output=True, text=True, timeout=300,
+                          check=False)
+  assert result.returncode != 0
+  expected = 'is a file, not a directory' if kind == 'file' else 'cannot be created'
+  assert f"--workdir='{workdir}' {expected}" in result.stderr, result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
