@@ -14,13 +14,6 @@ SPLIT_SIZES = {'train': 40, 'validation': 10, 'test': 10}  # The `tiny` config.
 
 
 @pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp('tfds'))
-  sources.get_builder('digit_scenes/tiny', d)
-  return d
-
-
-@pytest.fixture(scope='module')
 def records(data_dir):
   return {
       split: [

@@ -13,13 +13,6 @@ from segjax.data import transforms
 NUM_TRAIN, NUM_EVAL = 40, 10  # digit_scenes/tiny
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp('tfds'))
-  sources.get_builder('digit_scenes/tiny', d)
-  return d
-
-
 @pytest.fixture
 def config(data_dir):
   c = pipeline.default_dataset_config()

@@ -17,7 +17,6 @@ import orbax.checkpoint as ocp
 import pytest
 
 from segjax import detection_config
-from segjax.data import sources
 from segjax.evaluation import coco_eval
 from segjax.train import detection_trainer as dt
 from segjax.train import metric_writer
@@ -37,13 +36,6 @@ _TINY = {
     'eval_batch_size': 4, 'log_every_steps': 2,
 }
 _STAT_KEYS = {f'{t}_{s}' for t in ('bbox', 'segm') for s in coco_eval.STAT_NAMES}
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp('tfds'))
-  sources.get_builder('digit_scenes/tiny', d)
-  return d
 
 
 @pytest.fixture(scope='module')

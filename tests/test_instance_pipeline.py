@@ -14,13 +14,6 @@ BATCH_KEYS = {'image', 'image_size', 'gt_boxes', 'gt_labels', 'gt_valid', 'gt_ma
               'image_id', 'scale', 'orig_size'}
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp('tfds'))
-  sources.get_builder('digit_scenes/tiny', d)
-  return d
-
-
 @pytest.fixture
 def config(data_dir):
   c = ip.default_instance_dataset_config()

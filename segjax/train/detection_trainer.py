@@ -33,7 +33,7 @@ from segjax import detection_config
 from segjax.data import instance_pipeline, sources
 from segjax.evaluation import coco_eval
 from segjax.models.detection import mask_rcnn
-from segjax.train import checkpoints, loop, metric_writer, optimizers, parallel
+from segjax.train import loop, optimizers, parallel
 from segjax.train.state import TrainState
 
 # Outputs fetched from the device at evaluation (proposals stay there).
@@ -232,25 +232,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ground_truth = build_ground_truth(config)
   types, score_key = iou_types(config), segm_score_key(config)
 
-  checkpointer = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                          keep=config.keep_checkpoints,
-                                          keep_best=config.keep_best_checkpoints,
-                                          best_metric=f'{types[-1]}_AP')
-  writer = metric_writer.MetricWriter(workdir)
-  state = loop.start_or_resume(config, workdir, state, train_iter, checkpointer, writer,
-                               driver.num_devices)
-  try:
-    eval_metrics = loop.train(
-        config, driver=driver, device_state=driver.put_state(state), start_step=int(state.step),
-        train_iter=train_iter, checkpointer=checkpointer, writer=writer,
-        evaluate=lambda device_state: evaluate(predictor, device_state, eval_loader, ground_truth,
-                                               iou_types=types, segm_score_key=score_key),
-        summarize=format_metrics, rank_checkpoints=True)
-  finally:
-    checkpointer.wait()
-    checkpointer.close()
-    writer.close()
-  return eval_metrics
+  return loop.run(
+      config, workdir, state=state, driver=driver, train_iter=train_iter,
+      evaluate=lambda device_state: evaluate(predictor, device_state, eval_loader, ground_truth,
+                                             iou_types=types, segm_score_key=score_key),
+      summarize=format_metrics, best_metric=f'{types[-1]}_AP')
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

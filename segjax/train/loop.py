@@ -114,19 +114,40 @@ def start_or_resume(config, workdir: str, state: TrainState, train_iter,
   return state
 
 
+def run(config, workdir: str, *, state: TrainState, driver, train_iter,
+        evaluate: Callable[[Any], dict[str, float]],
+        summarize: Callable[[dict[str, float]], str], best_metric: str) -> dict[str, float]:
+  """Resumes or starts in `workdir`, trains (see `train`), closes; returns final eval metrics.
+
+  Checkpoints keep the latest `config.keep_checkpoints` plus the
+  `config.keep_best_checkpoints` best by `best_metric` of the evaluation.
+  """
+  checkpointer = checkpoints.Checkpointer(
+      os.path.join(workdir, 'checkpoints'), keep=config.keep_checkpoints,
+      keep_best=config.keep_best_checkpoints, best_metric=best_metric)
+  writer = metric_writer.MetricWriter(workdir)
+  state = start_or_resume(config, workdir, state, train_iter, checkpointer, writer,
+                          driver.num_devices)
+  try:
+    return train(config, driver=driver, device_state=driver.put_state(state),
+                 start_step=int(state.step), train_iter=train_iter, checkpointer=checkpointer,
+                 writer=writer, evaluate=evaluate, summarize=summarize)
+  finally:
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+
+
 def train(config, *, driver, device_state, start_step: int, train_iter,
           checkpointer: checkpoints.Checkpointer,
           writer: metric_writer.MetricWriter, evaluate: Callable[[Any], dict[str, float]],
-          summarize: Callable[[dict[str, float]], str],
-          rank_checkpoints: bool = False) -> dict[str, float]:
+          summarize: Callable[[dict[str, float]], str]) -> dict[str, float]:
   """Trains from the state's step to `config.num_train_steps`; returns the final eval metrics.
 
   Args:
     start_step: the step `device_state` stands at.
     evaluate: device_state -> metrics of the whole eval split.
     summarize: metrics -> the short text logged after each evaluation.
-    rank_checkpoints: give each evaluated checkpoint its metrics (the Checkpointer
-      keeps the best by its `best_metric` as well as the latest).
 
   A run that is already finished is evaluated again (so a rerun with other
   evaluation settings, e.g. the dense CRF, reports them) without training.
@@ -137,11 +158,11 @@ def train(config, *, driver, device_state, start_step: int, train_iter,
   with _stop_requests() as stop:
     return _train(config, stop, driver=driver, device_state=device_state, step=start_step,
                   train_iter=train_iter, checkpointer=checkpointer, writer=writer,
-                  evaluate=evaluate, summarize=summarize, rank_checkpoints=rank_checkpoints)
+                  evaluate=evaluate, summarize=summarize)
 
 
 def _train(config, stop: list[int], *, driver, device_state, step: int, train_iter, checkpointer,
-           writer, evaluate, summarize, rank_checkpoints: bool) -> dict[str, float]:
+           writer, evaluate, summarize) -> dict[str, float]:
   pending: list[dict[str, Any]] = []
   window_start, window_steps = time.perf_counter(), 0
   eval_metrics = None
@@ -173,7 +194,7 @@ def _train(config, stop: list[int], *, driver, device_state, step: int, train_it
       writer.write(step, 'eval', eval_metrics)
     if step % config.checkpoint_every_steps == 0 or is_last or eval_metrics is not None or stop:
       checkpointer.save(driver.get_state(device_state), train_iter.get_state(),
-                        metrics=eval_metrics if rank_checkpoints else None)
+                        metrics=eval_metrics)
     if stop and step < config.num_train_steps:
       checkpointer.wait()
       raise Interrupted(stop[0], step)

@@ -1,4 +1,5 @@
-"""The training loop: build everything from a config, train, evaluate, checkpoint, resume.
+"""The semantic trainer: builds everything from a config; `loop.run` trains, evaluates,
+checkpoints and resumes.
 
 Rerunning the same command with the same workdir resumes from the latest
 checkpoint: step, parameters, optimizer, rng and the input iterator's position are
@@ -17,7 +18,7 @@ from segjax import config_validation
 from segjax.data import pipeline
 from segjax.evaluation.segmentation_metrics import metrics_from_confusion
 from segjax.models import build_model
-from segjax.train import checkpoints, loop, metric_writer, optimizers, parallel, steps
+from segjax.train import loop, optimizers, parallel, steps
 from segjax.train.state import TrainState, create_train_state
 
 def create_state(config) -> TrainState:
@@ -73,21 +74,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                                             global_batch_size=config.eval_batch_size)
   train_iter = iter(train_loader)
 
-  checkpointer = checkpoints.Checkpointer(
-      os.path.join(workdir, 'checkpoints'), keep=config.keep_checkpoints,
-      keep_best=config.keep_best_checkpoints)
-  writer = metric_writer.MetricWriter(workdir)
-  state = loop.start_or_resume(config, workdir, state, train_iter, checkpointer, writer,
-                               driver.num_devices)
-  try:
-    eval_metrics = loop.train(
-        config, driver=driver, device_state=driver.put_state(state), start_step=int(state.step),
-        train_iter=train_iter, checkpointer=checkpointer, writer=writer,
-        evaluate=lambda device_state: evaluate(driver, device_state, eval_loader, num_classes,
-                                               class_names),
-        summarize=summarize, rank_checkpoints=True)
-  finally:
-    checkpointer.wait()
-    checkpointer.close()
-    writer.close()
-  return eval_metrics
+  return loop.run(
+      config, workdir, state=state, driver=driver, train_iter=train_iter,
+      evaluate=lambda device_state: evaluate(driver, device_state, eval_loader, num_classes,
+                                             class_names),
+      summarize=summarize, best_metric='miou')
