@@ -21,7 +21,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
-from segjax.models import deeplab, fcn, layers, resnet, vgg
+from segjax.models import deeplab, fcn, fcn_resnet, layers, resnet, vgg
 
 BACKBONES = {
     'vgg16': vgg.VGG16,
@@ -51,7 +51,12 @@ DEEPLAB_MODELS = {
     'deeplab_v3': deeplab.DeepLabV3,
     'deeplab_v3plus': deeplab.DeepLabV3Plus,
 }
-MODELS = {**FCN_MODELS, **DEEPLAB_MODELS}
+# torchvision's fcn_resnet50/101: dilated ResNet + FCNHead (segjax.models.fcn_resnet).
+FCN_RESNET_MODELS = {
+    'fcn_resnet': fcn_resnet.FCNResNet,
+}
+MODELS = {**FCN_MODELS, **DEEPLAB_MODELS, **FCN_RESNET_MODELS}
+RESNET_BACKBONES = tuple(b for b in BACKBONES if b.startswith('resnet'))
 
 UPSAMPLING = fcn.UPSAMPLING
 OUTPUT_STRIDES = (8, 16, 32)
@@ -67,9 +72,22 @@ def default_model_config(name: str = 'fcn8s') -> ml_collections.ConfigDict:
   FCN (default): FCN-8s on VGG-16 as in the paper. DeepLab: the paper's backbone
   (VGG-16 for v1, ResNet-101 otherwise) at output stride 8; `atrous_rates=()` means
   the paper's rates (`deeplab.default_rates`), `input_scales=()` single-scale inputs.
+  fcn_resnet: torchvision's fcn_resnet50 (ResNet-50 at output stride 8, FCNHead with
+  dropout 0.1); `backbone='resnet101'` is fcn_resnet101.
   """
   if name not in MODELS:
     _choice('name', name, MODELS)
+  if name in FCN_RESNET_MODELS:
+    return ml_collections.ConfigDict({
+        'name': name,
+        'backbone': 'resnet50',
+        'width_multiplier': 1.0,
+        'output_stride': 8,
+        'aux_loss': False,
+        'dtype': 'float32',
+        'dropout_rate': fcn_resnet.FCN_HEAD_DROPOUT,
+        'freeze_bn': False,
+    })
   if name in FCN_MODELS:
     return ml_collections.ConfigDict({
         'name': name,
@@ -109,7 +127,10 @@ def _choice(field: str, value: Any, choices, context: str = '') -> None:
 
 
 def supported_backbones(name: str) -> tuple[str, ...]:
-  """Backbones model `name` can use: DeepLab v1 is defined on VGG, the others on any."""
+  """Backbones model `name` can use: DeepLab v1 is defined on VGG, fcn_resnet on ResNet,
+  the others on any."""
+  if name in FCN_RESNET_MODELS:
+    return RESNET_BACKBONES
   return VGG_BACKBONES if name in deeplab.V1_FC6 else tuple(BACKBONES)
 
 
@@ -117,7 +138,7 @@ def supported_output_strides(name: str) -> tuple[int, ...]:
   """FCN: any; DeepLab v1/v2 are defined at 8 ([v1] §3.1, [v2] §3.1); v3/v3+ at 8 or 16."""
   if name in FCN_MODELS:
     return OUTPUT_STRIDES
-  if name in ('deeplab_v3', 'deeplab_v3plus'):
+  if name in ('deeplab_v3', 'deeplab_v3plus') or name in FCN_RESNET_MODELS:
     return (8, 16)
   return (8,)
 
@@ -126,6 +147,8 @@ def coarse_logits_stride(model_config: ml_collections.ConfigDict) -> int | None:
   """Stride of the model's 'coarse_logits' (4 for v3+), or None if it has none (FCN)."""
   if model_config.name in FCN_MODELS:
     return None
+  if model_config.name in FCN_RESNET_MODELS:
+    return int(model_config.output_stride)
   if model_config.name == 'deeplab_v3plus':
     return 4  # the decoder's 'res2' / 'pool2' grid ([v3+] §3.1)
   return int(model_config.output_stride)
@@ -161,9 +184,13 @@ def validate_model_config(model_config: ml_collections.ConfigDict) -> None:
   _check_number('dropout_rate', c.dropout_rate,
                 isinstance(c.dropout_rate, numbers.Real) and 0.0 <= c.dropout_rate < 1.0,
                 'in [0, 1)')
-  _choice('fc_init', c.fc_init, layers.FC_INITS)
   if not isinstance(c.aux_loss, bool):
     raise ValueError(f'model.aux_loss={c.aux_loss!r} must be True or False')
+  if c.name in FCN_RESNET_MODELS:
+    if not isinstance(c.freeze_bn, bool):
+      raise ValueError(f'model.freeze_bn={c.freeze_bn!r} must be True or False')
+    return
+  _choice('fc_init', c.fc_init, layers.FC_INITS)
   if c.name in FCN_MODELS:
     _choice('upsampling', c.upsampling, UPSAMPLING)
     _check_number('fc_kernel_size', c.fc_kernel_size,
@@ -214,7 +241,7 @@ def build_backbone(model_config: ml_collections.ConfigDict, *,
   kwargs = dict(width_multiplier=float(c.width_multiplier),
                 output_stride=int(c.output_stride), bn_axis_name=bn_axis_name,
                 dtype=DTYPES[c.dtype])
-  if _family(c.backbone) == 'vgg':
+  if _family(c.backbone) == 'vgg':  # fcn_resnet has no VGG backbone (validated)
     kwargs.update(dropout_rate=float(c.dropout_rate), fc_init=c.fc_init, **_vgg_fc(c))
   return BACKBONES[c.backbone](**kwargs)
 
@@ -240,6 +267,18 @@ def build_model(model_config: ml_collections.ConfigDict, *, num_classes: int,
         feature_names=_FCN_FEATURES[_family(c.backbone)],
         upsampling=c.upsampling,
         aux_loss=bool(c.aux_loss),
+        bn_axis_name=bn_axis_name,
+        dtype=DTYPES[c.dtype])
+  if c.name in FCN_RESNET_MODELS:
+    return FCN_RESNET_MODELS[c.name](
+        backbone=backbone,
+        num_classes=int(num_classes),
+        atrous_rates=(),
+        feature_names=deeplab.FEATURE_NAMES['resnet'],
+        freeze_bn=bool(c.freeze_bn),
+        aux_loss=bool(c.aux_loss),
+        width_multiplier=float(c.width_multiplier),
+        dropout_rate=float(c.dropout_rate),
         bn_axis_name=bn_axis_name,
         dtype=DTYPES[c.dtype])
   return DEEPLAB_MODELS[c.name](

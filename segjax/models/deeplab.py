@@ -39,7 +39,8 @@ Outputs (float32 whatever the compute dtype):
                   stride; 4 for v3+);
   'logits'        [B, H, W, C]: 'coarse_logits' upsampled x s bilinearly on the
                   half-pixel grid and cropped to H x W ([v1] §3.1: "bilinear
-                  interpolation to upsample by a factor of 8"), as FCN does;
+                  interpolation to upsample by a factor of 8"), as FCN does; v3
+                  resizes straight to H x W as torchvision (equal when s divides H, W);
   'aux_logits'    [B, H, W, C] if aux_loss (torchvision's FCNHead);
   with `input_scales` (multi-scale inputs, [v2] §4.1 "MSC"): the network runs on the
   input resized by each scale (shared weights); each scale's coarse logits are resized
@@ -279,6 +280,10 @@ class DeepLab(nn.Module):
   def width(self, channels: int) -> int:
     return scale_width(channels, self.width_multiplier)
 
+  def to_input_size(self, y: jax.Array, stride: int, height: int, width: int) -> jax.Array:
+    """Stride-`stride` logits -> [B, height, width, C]: x stride bilinear, then cropped."""
+    return _upsample(y, stride, height, width)
+
   def check(self) -> None:
     if self.input_scales and float(self.input_scales[0]) != 1.0:
       raise ValueError(f'input_scales={self.input_scales} must start with 1.0')
@@ -307,15 +312,16 @@ class DeepLab(nn.Module):
                                                 align_corners=False))
       coarse = jnp.max(jnp.stack(per_scale), axis=0)
       out['scale_coarse_logits'] = tuple(per_scale)
-      out['scale_logits'] = tuple(_upsample(c, stride, height, width) for c in per_scale)
+      out['scale_logits'] = tuple(self.to_input_size(c, stride, height, width)
+                                  for c in per_scale)
     out['coarse_logits'] = coarse
-    out['logits'] = _upsample(coarse, stride, height, width)
+    out['logits'] = self.to_input_size(coarse, stride, height, width)
 
     if self.aux_loss:
       aux = FCNHead(self.num_classes, bn_axis_name=self.bn_axis_name, dtype=self.dtype,
                     name='aux_classifier')(feats[self.feature_names.aux], train=bn_train)
       aux_stride = self.backbone.feature_strides()[self.feature_names.aux]
-      out['aux_logits'] = _upsample(aux.astype(jnp.float32), aux_stride, height, width)
+      out['aux_logits'] = self.to_input_size(aux.astype(jnp.float32), aux_stride, height, width)
     return out
 
 
@@ -383,7 +389,17 @@ class DeepLabV2(DeepLab):
 
 
 class DeepLabV3(DeepLab):
-  """torchvision's DeepLabHead ([v3] §3.3): ASPP -> 3x3 conv/BN/ReLU -> 1x1 conv."""
+  """torchvision's DeepLabHead ([v3] §3.3): ASPP -> 3x3 conv/BN/ReLU -> 1x1 conv.
+
+  Logits (and aux logits) are resized straight to the input size, as torchvision's
+  `_SimpleSegmentationModel` does (`F.interpolate(size=input_shape, mode='bilinear',
+  align_corners=False)`), so imported weights give its numbers at any input size; when
+  the stride divides H and W this equals the other DeepLabs' x stride + crop.
+  """
+
+  def to_input_size(self, y: jax.Array, stride: int, height: int, width: int) -> jax.Array:
+    del stride
+    return layers.bilinear_resize(y, (height, width), align_corners=False)
 
   def make_head(self, *, train: bool, bn_train: bool) -> HeadFn:
     channels = self.width(ASPP_CHANNELS)
@@ -443,6 +459,8 @@ def torchvision_name(path: str) -> str:
 
   'classifier_0/convs_1/bn/mean' -> 'classifier.0.convs.1.1.running_mean';
   'backbone/layer1_0/conv1/kernel' -> 'backbone.layer1.0.conv1.weight'.
+  Also torchvision's `fcn_resnet*` (`segjax.models.fcn_resnet`): 'classifier/bn/scale'
+  -> 'classifier.1.weight', 'classifier/classifier/bias' -> 'classifier.4.bias'.
   """
   parts = path.split('/')
   if parts[0] == 'backbone':
@@ -454,7 +472,7 @@ def torchvision_name(path: str) -> str:
   mods = re.sub(r'convs_4/bn$', 'convs_4/2', mods)
   mods = re.sub(r'/conv$', '/0', mods)
   mods = re.sub(r'/bn$', '/1', mods)
-  mods = re.sub(r'^aux_classifier/classifier$', 'aux_classifier/4', mods)
+  mods = re.sub(r'^(aux_)?classifier/classifier$', r'\1classifier/4', mods)
   mods = re.sub(r'(classifier|convs)_(\d+)', r'\1/\2', mods)
   return mods.replace('/', '.') + '.' + leaf
 

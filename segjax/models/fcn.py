@@ -52,11 +52,12 @@ class FCNHead(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool, bn_train: bool | None = None) -> jax.Array:
+    """`train` switches dropout, and BatchNorm too unless `bn_train` is given (frozen BN)."""
     inter = max(1, x.shape[-1] // 4)
     x = layers.conv2d(inter, 3, use_bias=False, dtype=self.dtype, name='conv')(x)
-    x = layers.batch_norm(train, axis_name=self.bn_axis_name, dtype=self.dtype,
-                          name='bn')(x)
+    x = layers.batch_norm(train if bn_train is None else bn_train,
+                          axis_name=self.bn_axis_name, dtype=self.dtype, name='bn')(x)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(nn.relu(x))
     return layers.conv2d(self.num_classes, 1, dtype=self.dtype, name='classifier')(x)
 
