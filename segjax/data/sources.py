@@ -21,10 +21,20 @@ import re
 
 import tensorflow_datasets as tfds
 
-from segjax.data import digit_scenes
+from segjax.data import cityscapes, coco, digit_scenes, voc
 
-# Builders that segjax ships; built automatically on first use.
-DATASETS = {'digit_scenes': digit_scenes.DigitScenes}
+# Builders that segjax ships. digit_scenes is built automatically on first use; the
+# others read the user's downloaded files and are built once with
+# `python -m segjax.data.build --dataset=NAME --manual_dir=... --data_dir=...`.
+DATASETS = {
+    'digit_scenes': digit_scenes.DigitScenes,
+    'voc_segmentation': voc.VocSegmentation,
+    'coco_instances': coco.CocoInstances,
+    'cityscapes_semantic': cityscapes.CityscapesSemantic,
+}
+# Builders that need --manual_dir (MANUAL_DOWNLOAD_INSTRUCTIONS), never built on first use.
+MANUAL_DATASETS = tuple(name for name, cls in DATASETS.items()
+                        if getattr(cls, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +51,16 @@ DATASET_METADATA = {
         num_classes=digit_scenes.NUM_CLASSES,
         class_names=digit_scenes.CLASS_NAMES,
         ignore_label=digit_scenes.IGNORE_LABEL,
+    ),
+    'voc_segmentation': DatasetMetadata(
+        num_classes=voc.NUM_CLASSES,
+        class_names=voc.CLASS_NAMES,
+        ignore_label=voc.IGNORE_LABEL,
+    ),
+    'cityscapes_semantic': DatasetMetadata(
+        num_classes=cityscapes.NUM_CLASSES,
+        class_names=cityscapes.CLASS_NAMES,
+        ignore_label=cityscapes.IGNORE_LABEL,
     ),
 }
 
@@ -105,7 +125,9 @@ def class_names(name: str) -> list[str] | None:
 def get_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
   """The TFDS builder for `name`, built into `data_dir` if it is a segjax builder.
 
-  Raises ValueError for a name that is neither in `DATASETS` nor a TFDS builder.
+  Raises ValueError for a name that is neither in `DATASETS` nor a TFDS builder, and
+  FileNotFoundError (with the build command) for a dataset of `MANUAL_DATASETS` not
+  yet built in `data_dir`.
   """
   validate_dataset_name(name)
   base, _, config = name.partition('/')
@@ -114,6 +136,12 @@ def get_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
         config=config or None, data_dir=data_dir, file_format='array_record'
     )
     if not builder.is_prepared():
+      if base in MANUAL_DATASETS:
+        raise FileNotFoundError(
+            f'Dataset {name!r} is not built in data_dir={data_dir!r} (looked for '
+            f'{builder.data_path}). Build it once from your downloaded files: python -m '
+            f'segjax.data.build --dataset={name} --manual_dir=/path/to/download '
+            f'--data_dir={data_dir or "~/tensorflow_datasets"}')
       builder.download_and_prepare(file_format='array_record')
     return builder
   return tfds.builder(name, data_dir=data_dir)
