@@ -267,7 +267,8 @@ def test_train_iterator_state_resume(config):
 
 def test_bad_config_raises(config):
   config.name = 'coco/2017'
-  with pytest.raises(ValueError, match=r"name='coco/2017'.*\['digit_scenes'\]"):
+  with pytest.raises(ValueError, match=r"name='coco/2017'.*\['digit_scenes', "
+                                       r"'voc_segmentation', 'coco_instances'\]"):
     ip.create_train_loader(config, global_batch_size=2, seed=0, process_index=0,
                            process_count=1)
   config.name = 'digit_scenes/huge'

@@ -13,7 +13,10 @@
     batch['orig_size']   int32 [b, 2] (H, W) of the original image
 
 Source: any TFDS record with `image` and `objects` = {bbox normalised (ymin, xmin,
-ymax, xmax), label, mask list of [H, W, 1]} (`digit_scenes`). Transforms, in order:
+ymax, xmax), label, mask list of [H, W, 1]} (`digit_scenes`, `voc_segmentation`,
+`coco_instances`). Objects flagged `is_crowd` (COCO) and objects with a zero-size box
+are not training targets, as in torchvision's detection reference, which drops them;
+COCO evaluation still sees the crowd regions (`coco_eval`). Transforms, in order:
 `DecodeInstances` -> `ResizeInstances` (torchvision's GeneralizedRCNNTransform rule:
 scale = min(min_size / short side, max_size / long side); image bilinear, masks
 nearest, boxes by the per-axis ratio) -> `RandomHorizontalFlipInstances` (optional; off
@@ -45,7 +48,7 @@ REQUIRED_FIELDS = ('name', 'data_dir', 'train_split', 'eval_split', 'num_classes
                    'num_workers', 'prefetch')
 
 # Datasets with an instance-segmentation builder in segjax.
-INSTANCE_DATASETS = ('digit_scenes',)
+INSTANCE_DATASETS = ('digit_scenes', 'voc_segmentation', 'coco_instances')
 
 
 def default_instance_dataset_config() -> ml_collections.ConfigDict:
@@ -78,8 +81,8 @@ def validate_instance_dataset_config(c) -> None:
   if base not in INSTANCE_DATASETS:
     raise ValueError(
         f'config.dataset.name={c.name!r} has no instance-segmentation builder in segjax yet; '
-        f'valid: {list(INSTANCE_DATASETS)} (and their configs, e.g. "digit_scenes/tiny"). '
-        'COCO needs a builder that reads instance masks (TFDS coco/2017 has none).')
+        f'valid: {list(INSTANCE_DATASETS)} (and their configs, e.g. "digit_scenes/tiny"; '
+        'TFDS coco/2017 has no instance masks).')
   sources.validate_dataset_name(c.name)
   for field in ('min_size', 'max_size', 'max_instances'):
     value = c[field]
@@ -110,6 +113,12 @@ class DecodeInstances(grain.transforms.Map):
     labels = np.asarray(objects['label'], np.int64).reshape(-1) + 1
     masks = [np.asarray(m).reshape(height, width) for m in objects['mask']]
     masks = (np.stack(masks) if masks else np.zeros((0, height, width))).astype(np.uint8)
+    # Crowd regions and zero-size boxes are no training targets (module docstring).
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    if 'is_crowd' in objects:
+      keep &= ~np.asarray(objects['is_crowd'], bool).reshape(-1)
+    if not keep.all():
+      boxes, labels, masks = boxes[keep], labels[keep], masks[keep]
     return {'image': image, 'boxes': boxes, 'labels': labels.astype(np.int32), 'masks': masks,
             'image_id': np.int64(element.get('image_id', -1))}
 

@@ -7,8 +7,12 @@
 
 Ground truth: one COCO image per record (`image_id` of the record), one annotation per
 object with its RLE mask (`pycocotools.mask.encode`), bbox [x, y, w, h] in pixels from
-the normalised (ymin, xmin, ymax, xmax), area = mask area, iscrowd 0, category_id =
-dataset label + 1 (the model's class index; 0 is background).
+the normalised (ymin, xmin, ymax, xmax), area = mask area, iscrowd = the object's
+`is_crowd` (0 when the dataset has none), category_id = dataset label + 1 (the model's
+class index; 0 is background). For `coco_instances`, `ground_truth_for_split` instead
+reads the original annotation json the split was built from, when it still exists
+(`ground_truth_from_json`): the official areas, polygons and crowd regions, restricted
+to the split's images, with category ids renumbered to label + 1.
 
 Detections: boxes are mapped back to the original image (divided by the resize
 scale); masks are pasted at the original resolution (`mask_rcnn.paste_masks_in_image`,
@@ -22,6 +26,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import json
+import os
 from collections.abc import Iterable, Sequence
 import jax
 import numpy as np
@@ -66,15 +72,62 @@ def ground_truth_from_source(source: Iterable[dict], num_classes: int) -> COCO:
     objects = record['objects']
     masks = np.stack([np.asarray(m).reshape(height, width) for m in objects['mask']]
                      ) if len(objects['mask']) else np.zeros((0, height, width), np.uint8)
-    for bbox, label, rle, m in zip(objects['bbox'], objects['label'], encode_masks(masks),
-                                   masks):
+    crowd = objects.get('is_crowd', [False] * len(masks))
+    for bbox, label, rle, m, is_crowd in zip(objects['bbox'], objects['label'],
+                                             encode_masks(masks), masks, crowd):
       ymin, xmin, ymax, xmax = (float(v) for v in bbox)
       x, y = xmin * width, ymin * height
       annotations.append({
           'id': len(annotations) + 1, 'image_id': image_id, 'category_id': int(label) + 1,
           'bbox': [x, y, xmax * width - x, ymax * height - y], 'area': float(m.sum()),
-          'segmentation': rle, 'iscrowd': 0})
+          'segmentation': rle, 'iscrowd': int(bool(is_crowd))})
   return coco_from_annotations(images, annotations, range(1, num_classes))
+
+
+def ground_truth_from_json(path: str, image_ids: Iterable[int],
+                           category_ids: Sequence[int]) -> COCO:
+  """The ground truth of an original COCO annotation json, for the images `image_ids` only.
+
+  category_ids: COCO category id of each dataset label (`coco_instances`'
+  `info.metadata['category_ids']`); category `category_ids[k]` becomes k + 1, the
+  model's class index. Annotations of other categories raise ValueError.
+  """
+  with open(path) as f:
+    data = json.load(f)
+  keep = {int(i) for i in image_ids}
+  new_id = {int(c): k + 1 for k, c in enumerate(category_ids)}
+  annotations = []
+  for annotation in data['annotations']:
+    if int(annotation['image_id']) not in keep:
+      continue
+    if int(annotation['category_id']) not in new_id:
+      raise ValueError(f'{path}: annotation {annotation.get("id")} has category_id '
+                       f'{annotation["category_id"]}, not one of the dataset\'s {list(new_id)}')
+    annotations.append(dict(annotation, category_id=new_id[int(annotation['category_id'])]))
+  images = [image for image in data['images'] if int(image['id']) in keep]
+  return coco_from_annotations(images, annotations, range(1, len(category_ids) + 1))
+
+
+def ground_truth_for_split(name: str, split: str, data_dir: str | None,
+                           num_classes: int) -> COCO:
+  """COCO ground truth of a split of a segjax instance dataset.
+
+  From the annotation json the split was built from (`info.metadata['annotation_files']`,
+  `coco_instances`) when that file still exists, else from the records.
+  """
+  from segjax.data import sources  # pylint: disable=import-outside-toplevel
+
+  source = sources.load_data_source(name, split, data_dir)
+  metadata = sources.get_builder(name, data_dir).info.metadata or {}
+  path = metadata.get('annotation_files', {}).get(split.split('[')[0])
+  if path and os.path.isfile(path):
+    category_ids = list(metadata['category_ids'])
+    if len(category_ids) + 1 != num_classes:
+      raise ValueError(f'config.dataset.num_classes={num_classes} but {name!r} has '
+                       f'{len(category_ids)} categories + background')
+    return ground_truth_from_json(path, (source[i]['image_id'] for i in range(len(source))),
+                                  category_ids)
+  return ground_truth_from_source((source[i] for i in range(len(source))), num_classes)
 
 
 @functools.partial(jax.jit, static_argnames=('image_size',))
