@@ -10,8 +10,12 @@ from segjax import config_validation
 
 _CONFIG_DIR = os.path.join(os.path.dirname(__file__), '..', 'configs')
 _CONFIG_FILES = sorted(glob.glob(os.path.join(_CONFIG_DIR, '*.py')))
-# Datasets whose builders come with a later issue (real datasets from the user's files).
-_NOT_YET_BUILT = ('voc_segmentation', 'coco')
+# Each real-data preset names a segjax builder, its splits and its class count.
+_REAL_DATA = {
+    'voc': ('voc_segmentation/aug', 'train_aug', 'validation', 21),
+    'cityscapes': ('cityscapes_semantic', 'train', 'validation', 19),
+    'coco': ('coco_instances', 'train', 'validation', 81),
+}
 
 
 def _load(path):
@@ -40,20 +44,18 @@ def test_every_config_and_preset_builds_and_validates(path, preset):
   assert config.model.name in os.path.basename(path)
   if config.dataset.name.startswith('digit_scenes'):
     assert not config.dataset.hflip  # a mirrored 2 is not a 2
-    assert 'eval' not in config or not config.eval.tta.flip
-  if config.dataset.name in _NOT_YET_BUILT:
-    with pytest.raises(ValueError, match=config.dataset.name):
-      config_validation.validate_config(config)
-    # Everything but the dataset name is valid too.
-    config.dataset.name = 'digit_scenes'
+    assert 'eval' not in config or 'tta' not in config.eval or not config.eval.tta.flip
+  if preset in _REAL_DATA:
+    d = config.dataset
+    assert (d.name, d.train_split, d.eval_split, d.num_classes) == _REAL_DATA[preset]
   config_validation.validate_config(config)
 
 
 def test_default_preset_is_the_first_and_unknown_preset_lists_choices():
   module = _load(os.path.join(_CONFIG_DIR, 'fcn8s.py'))
   assert module.get_config().dataset.name == 'digit_scenes'
-  with pytest.raises(ValueError, match="'digit_scenes', 'voc'"):
-    module.get_config('cityscapes')
+  with pytest.raises(ValueError, match="'digit_scenes', 'voc', 'cityscapes'"):
+    module.get_config('kitti')
 
 
 @pytest.mark.parametrize('field,value,match', [
