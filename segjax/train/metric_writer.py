@@ -1,5 +1,8 @@
 """Writes scalar metrics to WORKDIR/metrics.jsonl, TensorBoard event files and the log.
 
+Evaluation pictures (`write_images`: ground truth | prediction panels, the confusion
+matrix; see `segjax.visualize`) go to TensorBoard's Images tab only.
+
 metrics.jsonl holds one JSON object per line: {"step": N, "split": "train"|"eval",
 name: value, ...}. TensorBoard events are written with tensorboardX, which needs no
 TensorFlow. Only process 0 writes, so multi-host runs produce one record.
@@ -13,6 +16,7 @@ import os
 from typing import Mapping
 
 import jax
+import numpy as np
 from absl import logging
 
 
@@ -36,6 +40,18 @@ class MetricWriter:
     for name, value in values.items():
       if value is not None:
         self._tensorboard.add_scalar(f'{split}/{name}', value, int(step))
+    self._tensorboard.flush()
+
+  def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+    """TensorBoard images, tag -> uint8 RGB [H, W, 3] (PNG-encoded in the event file)."""
+    if not self.enabled or not images:
+      return
+    for tag, image in images.items():
+      image = np.asarray(image)
+      if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f'image {tag!r} must be uint8 [H, W, 3], got {image.dtype} '
+                         f'{image.shape}')
+      self._tensorboard.add_image(tag, image, int(step), dataformats='HWC')
     self._tensorboard.flush()
 
   def close(self) -> None:
