@@ -1,0 +1,87 @@
+r"""Convolution filter-gradient speed: XLA's own against `layers.filter_grad_taps`.
+
+  python -m segjax.benchmarks.conv_grad_bench        # ~1-2 minutes on 2 CPU cores
+
+Shapes are convs of a ResNet-50 at output stride 8 on a 2 x 320 x 320 batch (the
+FCN / DeepLab benchmark rows) plus the 3x3 256->256 conv of DESIGN.md. For each:
+forward, input gradient and filter gradient ('xla': jax.vjp of the plain conv; 'taps':
+per-tap matmuls) as GFLOP/s (2 * B * Ho * Wo * kh * kw * C * K FLOPs each), median of
+`--repeats`, and the float32 matmul peak in the same process. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from segjax.benchmarks.measure import matmul_peak_gflops
+from segjax.models import layers
+
+# (name, batch, H, W, C, K, kernel, stride, dilation)
+SHAPES = (
+    ('3x3 256->256 (DESIGN.md)', 8, 64, 64, 256, 256, 3, 1, 1),
+    ('res2 1x1 256->64', 2, 80, 80, 256, 64, 1, 1, 1),
+    ('res2 3x3 64->64', 2, 80, 80, 64, 64, 3, 1, 1),
+    ('res3 3x3 128->128', 2, 40, 40, 128, 128, 3, 1, 1),
+    ('res4 3x3 256->256 d2', 2, 40, 40, 256, 256, 3, 1, 2),
+    ('res5 3x3 512->512 d4', 2, 40, 40, 512, 512, 3, 1, 4),
+    ('res5 1x1 2048->512', 2, 40, 40, 2048, 512, 1, 1, 1),
+    ('ASPP 3x3 2048->256 d12', 2, 40, 40, 2048, 256, 3, 1, 12),
+    ('stem 7x7/2 3->64', 2, 320, 320, 3, 64, 7, 2, 1),
+)
+
+
+def _median_seconds(fn, repeats: int) -> float:
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def measure_shape(batch, height, width, cin, cout, k, stride, dilation, repeats=5):
+  key_x, key_w, key_g = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(key_x, (batch, height, width, cin))
+  w = jax.random.normal(key_w, (k, k, cin, cout)) * 0.05
+  strides, dil = (stride, stride), (dilation, dilation)
+  padding = layers.torch_padding(k, dilation)
+  conv = lambda x_, w_: layers._conv_nhwc(x_, w_, strides, padding, dil)  # noqa: E731
+  y = conv(x, w)
+  dy = jax.random.normal(key_g, y.shape)
+  flops = 2.0 * y.shape[0] * y.shape[1] * y.shape[2] * k * k * cin * cout
+  forward = jax.jit(conv)
+  input_grad = jax.jit(lambda x_, w_, g: jax.vjp(lambda a: conv(a, w_), x_)[1](g)[0])
+  xla_filter = jax.jit(lambda x_, w_, g: jax.vjp(lambda b: conv(x_, b), w_)[1](g)[0])
+  taps_filter = jax.jit(lambda x_, g: layers.filter_grad_taps(x_, g, w.shape, strides,
+                                                              padding, dil))
+  return {
+      'forward': flops / _median_seconds(lambda: forward(x, w), repeats) / 1e9,
+      'input_grad': flops / _median_seconds(lambda: input_grad(x, w, dy), repeats) / 1e9,
+      'filter_grad_xla': flops / _median_seconds(lambda: xla_filter(x, w, dy), repeats) / 1e9,
+      'filter_grad_taps': flops / _median_seconds(lambda: taps_filter(x, dy), repeats) / 1e9,
+  }
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--repeats', type=int, default=5)
+  args = parser.parse_args()
+  print(f'matmul peak (2048^2 f32): {matmul_peak_gflops():.0f} GFLOP/s\n')
+  print('| conv (NHWC, HWIO) | forward | input grad | filter grad xla | filter grad taps | '
+        'taps / xla |')
+  print('|---|---|---|---|---|---|')
+  for name, *shape in SHAPES:
+    r = measure_shape(*shape, repeats=args.repeats)
+    print(f"| {name} | {r['forward']:.0f} | {r['input_grad']:.0f} | "
+          f"{r['filter_grad_xla']:.0f} | {r['filter_grad_taps']:.0f} | "
+          f"{r['filter_grad_taps'] / r['filter_grad_xla']:.2f}x |", flush=True)
+
+
+if __name__ == '__main__':
+  main()

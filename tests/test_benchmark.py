@@ -1,0 +1,128 @@
+"""The benchmark harness (segjax.benchmark) on tiny models: it runs, the jitted step
+compiles once, ratios come from the same run's pairs, torchvision equivalence checks."""
+
+import importlib.util
+import os
+import statistics
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from segjax import benchmark
+from segjax.benchmarks import measure, segjax_workloads, torchvision_workloads
+from segjax.models import build_model
+
+_CONFIG_DIR = os.path.join(os.path.dirname(__file__), '..', 'configs')
+
+
+def _get_config(name, preset=None):
+  path = os.path.join(_CONFIG_DIR, name + '.py')
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset)
+
+
+def tiny_fcn_config():
+  config = _get_config('fcn8s')
+  config.model.width_multiplier = 0.125
+  return config
+
+
+@pytest.fixture(scope='module')
+def tiny_infer():
+  config = segjax_workloads.prepare_config(tiny_fcn_config(), 1, (32, 32))
+  batch = segjax_workloads.make_batch(config, 1, (32, 32))
+  return segjax_workloads.workload(config, 'infer', batch)
+
+
+def test_train_step_compiles_once_and_reports_flops(tiny_infer):
+  report = benchmark.run_model(tiny_fcn_config(), mode='train', batch_size=1,
+                               image_size=(32, 32), steps=5, matmul_peak=False,
+                               log=lambda *_: None)
+  side = report['segjax']
+  # Warm-up compiled the step; the 5 timed steps (state donated and fed back) did not.
+  assert side['jit_cache_size'] == 1
+  assert report['compiles_during_timing'] == 0
+  assert report['compiles_after_warmup'] == 0
+  assert side['compile_s'] > 0
+  assert len(report['segjax_times_s']) == 5
+  assert side['min_s'] <= side['median_s'] <= side['max_s']
+  assert side['median_s'] == statistics.median(report['segjax_times_s'])
+  assert side['images_per_s'] == pytest.approx(1 / side['median_s'])
+  # XLA's cost analysis: forward + backward >= 2x the forward (conv input and filter
+  # gradients); on this tiny model the loss and the optimizer add a few more.
+  assert 2 < side['flops_per_step'] / tiny_infer.flops_per_step < 8
+
+
+def test_ratios_are_pairwise_from_the_same_run(tiny_infer):
+  ours = tiny_infer
+  calls = []
+
+  def reference_step():
+    calls.append(len(calls))
+    ours.step()  # some real work, twice per step
+    ours.step()
+
+  theirs = measure.Workload(name='reference', step=reference_step, images_per_step=1)
+  report = benchmark.compare(ours, theirs, steps=5, warmup=1, matmul_peak=False,
+                             log=lambda *_: None)
+  assert len(calls) == 1 + 5
+  ratios = [b / a for a, b in zip(report['segjax_times_s'], report['reference_times_s'])]
+  np.testing.assert_allclose(report['pair_ratios'], ratios)
+  assert report['ratio_median'] == statistics.median(ratios)
+  assert report['ratio_min'] == min(ratios) and report['ratio_max'] == max(ratios)
+  assert report['reference']['median_s'] == statistics.median(report['reference_times_s'])
+  assert report['compiles_during_timing'] == 0
+  assert ours.cache_size() == 1
+
+
+def test_torchvision_equivalence_names_the_differences():
+  config = _get_config('deeplab_v3', 'voc')  # ResNet-101 at output stride 16
+  with pytest.raises(ValueError, match=r'backbone=.resnet101.*output_stride=16.*'
+                                       r'--config.model.backbone=.resnet50.'):
+    torchvision_workloads.equivalent(config)
+  config.model.backbone, config.model.output_stride = 'resnet50', 8
+  assert torchvision_workloads.equivalent(config) == 'deeplabv3_resnet50'
+  detector = _get_config('mask_rcnn_r50_fpn', 'coco')  # frozen BN: not torchvision's from-scratch
+  with pytest.raises(ValueError, match='freeze_bn'):
+    torchvision_workloads.equivalent(detector)
+  fcn = tiny_fcn_config()
+  with pytest.raises(ValueError, match='no torchvision equivalent'):
+    torchvision_workloads.equivalent(fcn)
+
+
+def test_torchvision_side_counts_parameters_like_segjax():
+  """Same architecture on both sides: parameter counts agree (BN statistics excluded)."""
+  torch = pytest.importorskip('torch')
+  pytest.importorskip('torchvision')
+  config = _get_config('deeplab_v3', 'voc')
+  config.model.backbone, config.model.output_stride = 'resnet50', 8
+  model = torchvision_workloads.semantic_model(config)
+  theirs = sum(p.numel() for p in model.parameters())
+  model = build_model(config.model, num_classes=config.dataset.num_classes)
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                                jnp.zeros((1, 64, 64, 3)), train=False))
+  ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables['params']))
+  assert ours == theirs
+  del torch
+
+
+def test_image_size_flag():
+  assert benchmark.parse_size('320,320') == (320, 320)
+  assert benchmark.parse_size('512x256') == (512, 256)
+  with pytest.raises(ValueError, match='--image_size'):
+    benchmark.parse_size('320')
+
+
+def test_instance_batch_layout():
+  config = _get_config('mask_rcnn_r50_fpn')
+  batch = segjax_workloads.make_batch(config, 2, (64, 64), num_instances=3)
+  assert batch['gt_boxes'].shape == (2, config.dataset.max_instances, 4)
+  assert batch['gt_valid'].sum() == 6
+  x1, y1, x2, y2 = batch['gt_boxes'][0, 0]
+  mask = batch['gt_masks'][0, 0]
+  assert mask.sum() == (int(np.ceil(y2)) - int(y1)) * (int(np.ceil(x2)) - int(x1))
+  assert (batch['gt_labels'][batch['gt_valid']] >= 1).all()
