@@ -10,14 +10,38 @@ calls. The returned module follows the segjax model contract:
   # DeepLab models also return 'coarse_logits' (see segjax.models.deeplab).
 
 Not every model has 'batch_stats' (vgg16 without aux_loss has none).
+
+Public API (`__all__`): the registries (`MODELS`, `BACKBONES`, ...), config schema and
+construction (`default_model_config`, `validate_model_config`, `build_model`,
+`build_backbone`), and the modules `layers` (ConvBN, atrous conv, bilinear resize,
+bilinear deconv, max-unpool), `vgg`, `resnet`, `fcn`, `fcn_resnet` (torchvision's
+fcn_resnet50/101), `deeplab` (ASPP, DeepLab v1-v3+), `crf` (dense CRF) and `detection` (boxes, NMS, RoIAlign, Mask R-CNN). The modules are
+plain `flax.linen` modules with `__call__(x, *, train)`; e.g. an ASPP head on your own
+backbone's features:
+
+  aspp = deeplab.ASPP(rates=(6, 12, 18), features=256)
+  variables = aspp.init(key, features, train=False, bn_train=False)
+  y = aspp.apply(variables, features, train=False, bn_train=False)   # [B, h, w, 256]
 """
 
 from __future__ import annotations
+
+__all__ = [
+    # modules
+    'layers', 'vgg', 'resnet', 'fcn', 'fcn_resnet', 'deeplab', 'crf', 'detection',
+    # registries and choices
+    'BACKBONES', 'VGG_BACKBONES', 'RESNET_BACKBONES', 'FCN_MODELS', 'DEEPLAB_MODELS',
+    'FCN_RESNET_MODELS', 'MODELS', 'UPSAMPLING', 'OUTPUT_STRIDES', 'DTYPES',
+    # config schema and construction
+    'default_model_config', 'validate_model_config', 'build_model', 'build_backbone',
+    'supported_backbones', 'supported_output_strides', 'coarse_logits_stride',
+]
 
 import numbers
 from functools import partial
 from typing import Any
 
+import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
@@ -235,7 +259,7 @@ def _vgg_fc(c: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def build_backbone(model_config: ml_collections.ConfigDict, *,
-                   bn_axis_name: str | None = None):
+                   bn_axis_name: str | None = None) -> nn.Module:
   """The backbone module named by model_config.backbone (config already validated)."""
   c = model_config
   kwargs = dict(width_multiplier=float(c.width_multiplier),
@@ -247,7 +271,7 @@ def build_backbone(model_config: ml_collections.ConfigDict, *,
 
 
 def build_model(model_config: ml_collections.ConfigDict, *, num_classes: int,
-                bn_axis_name: str | None = None):
+                bn_axis_name: str | None = None) -> nn.Module:
   """Validates `model_config` and returns the segmentation module it names.
 
   Args:
