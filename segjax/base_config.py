@@ -39,6 +39,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       # and, with flip, their mirror images. (1.0,) and no flip = plain argmax.
       tta=ml_collections.ConfigDict(dict(scales=(1.0,), flip=False)),
       crf=crf.default_crf_config(),  # dense CRF post-processing, off by default
+      # Validation images drawn with ground truth | prediction in TensorBoard at each
+      # evaluation, plus the confusion matrix (segjax.visualize); 0: no images.
+      num_images=4,
   ))
   config.parallel = 'jit'      # 'pmap' | 'jit'
   config.num_train_steps = 1000

@@ -65,6 +65,8 @@ def _validate_eval(config) -> None:
     raise ValueError('config.eval.tta.flip=True but config.dataset.hflip=False: the model '
                      'never saw mirrored images (a mirrored digit is another symbol); set '
                      'both or neither')
+  from segjax import detection_config  # pylint: disable=import-outside-toplevel
+  detection_config.validate_num_images(config)
   try:
     crf.validate_crf_config(config.eval.crf)
   except ValueError as error:

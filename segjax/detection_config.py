@@ -36,6 +36,9 @@ def get_detection_base_config(name: str = 'mask_rcnn') -> ml_collections.ConfigD
     detection[field] = config[field]
   detection.model = mask_rcnn.default_detection_model_config(name)
   detection.dataset = instance_pipeline.default_instance_dataset_config()
+  # Validation images drawn with ground truth | detections in TensorBoard at each
+  # evaluation (segjax.visualize); 0: none.
+  detection.eval = ml_collections.ConfigDict(dict(num_images=config.eval.num_images))
   optimizer = config.optimizer
   # 'step': lr x decay_factor at each of decay_steps (Detectron's 1x schedule).
   optimizer.decay_steps = (60000, 80000)
@@ -127,9 +130,18 @@ def validate_detection_config(config) -> None:
     value = config[name]
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
       raise ValueError(f'config.{name}={value!r} must be a positive integer')
+  validate_num_images(config)
   mask_rcnn.validate_detection_model_config(config.model)
   validate_detection_optimizer(config.optimizer)
   instance_pipeline.validate_instance_dataset_config(config.dataset)
+
+
+def validate_num_images(config) -> None:
+  """config.eval.num_images: a non-negative int (shared with the semantic configs)."""
+  value = config.get('eval', {}).get('num_images', 0)
+  if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    raise ValueError(f'config.eval.num_images={value!r} must be an integer >= 0 '
+                     '(validation images drawn in TensorBoard; 0: none)')
 
 
 def validate_detection_optimizer(opt_config) -> None:

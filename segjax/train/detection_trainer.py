@@ -29,11 +29,13 @@ import numpy as np
 import optax
 from jax import lax
 
-from segjax import detection_config
+from pycocotools import mask as mask_utils
+
+from segjax import detection_config, visualize
 from segjax.data import instance_pipeline, sources
 from segjax.evaluation import coco_eval
 from segjax.models.detection import mask_rcnn
-from segjax.train import loop, optimizers, parallel
+from segjax.train import loop, optimizers, parallel, trainer
 from segjax.train.state import TrainState
 
 # Outputs fetched from the device at evaluation (proposals stay there).
@@ -230,13 +232,80 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_loader = instance_pipeline.create_eval_loader(config.dataset,
                                                      global_batch_size=config.eval_batch_size)
   ground_truth = build_ground_truth(config)
-  types, score_key = iou_types(config), segm_score_key(config)
+  types = iou_types(config)
 
   return loop.run(
       config, workdir, state=state, driver=driver, train_iter=train_iter,
-      evaluate=lambda device_state: evaluate(predictor, device_state, eval_loader, ground_truth,
-                                             iou_types=types, segm_score_key=score_key),
+      evaluate=make_evaluate(config, predictor, eval_loader, ground_truth),
       summarize=format_metrics, best_metric=f'{types[-1]}_AP')
+
+
+# Detections drawn on the TensorBoard example images (all of them go to the COCO metric).
+EXAMPLE_SCORE_THRESHOLD = 0.5
+
+
+def example_panels(outputs: dict[str, np.ndarray], batch: dict[str, np.ndarray],
+                   num_images: int, mean, std, class_names=None,
+                   score_threshold: float = EXAMPLE_SCORE_THRESHOLD) -> np.ndarray:
+  """Rows of image | ground truth | detections (score >= `score_threshold`) for the first
+  `num_images` real images of an eval `batch` and the model's `outputs` on it, drawn
+  at the resized input's resolution."""
+  rows = []
+  for i in np.flatnonzero(np.asarray(batch['image_id']) >= 0)[:num_images]:
+    h, w = (int(v) for v in batch['image_size'][i])
+    image = trainer.unnormalize(batch['image'][i, :h, :w], mean, std)
+    valid = np.asarray(batch['gt_valid'][i], bool)
+    ground_truth = {'boxes': batch['gt_boxes'][i][valid], 'labels': batch['gt_labels'][i][valid],
+                    'masks': batch['gt_masks'][i][valid][:, :h, :w]}
+    # detections_to_coco with scale 1 and orig_size = the resized size: the results
+    # are in this image's pixels.
+    one = {'image_id': batch['image_id'][i:i + 1], 'scale': np.ones((1, 2), np.float32),
+           'orig_size': np.asarray([[h, w]], np.int32)}
+    results = [r for r in coco_eval.detections_to_coco({k: v[i:i + 1] for k, v in outputs.items()},
+                                                       one)
+               if r['score'] >= score_threshold]
+    rows.append(visualize.instance_panel(image, ground_truth, instances_from_coco(results, (h, w)),
+                                         class_names))
+  return visualize.panel_grid(rows, ('image', 'ground truth', 'detections'))
+
+
+def instances_from_coco(results: list[dict], image_size: tuple[int, int]) -> dict[str, np.ndarray]:
+  """COCO result dicts of one image -> 'boxes' [N, 4] (x1, y1, x2, y2), 'labels', 'scores'
+  and, when they carry RLE segmentations, 'masks' [N, H, W] uint8."""
+  boxes = np.asarray([[x, y, x + bw, y + bh] for x, y, bw, bh in (r['bbox'] for r in results)],
+                     np.float32).reshape(-1, 4)
+  instances = {'boxes': boxes, 'labels': np.asarray([r['category_id'] for r in results], np.int64),
+               'scores': np.asarray([r['score'] for r in results], np.float32)}
+  if results and 'segmentation' in results[0]:
+    rles = [dict(r['segmentation'], counts=r['segmentation']['counts'].encode('ascii'))
+            for r in results]
+    instances['masks'] = np.moveaxis(mask_utils.decode(rles), -1, 0)
+  elif not results:
+    instances['masks'] = np.zeros((0,) + tuple(image_size), np.uint8)
+  return instances
+
+
+def make_evaluate(config, predictor: Predictor, eval_loader, ground_truth):
+  """device_state -> COCO metrics and, with `config.eval.num_images` > 0 (one JAX
+  process), the TensorBoard image 'eval/examples': that many validation images with
+  ground truth and detections side by side."""
+  types, score_key = iou_types(config), segm_score_key(config)
+  num_images = int(config.get('eval', {}).get('num_images', 0))
+  class_names = sources.class_names(config.dataset.name)
+  first_batch = {}
+
+  def run(device_state):
+    metrics = evaluate(predictor, device_state, eval_loader, ground_truth, iou_types=types,
+                       segm_score_key=score_key)
+    if num_images <= 0 or jax.process_count() > 1:
+      return metrics
+    if not first_batch:
+      first_batch.update(next(iter(eval_loader)))
+    outputs = predictor(device_state, first_batch)
+    return metrics, {'eval/examples': example_panels(
+        outputs, first_batch, num_images, config.dataset.mean, config.dataset.std, class_names)}
+
+  return run
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

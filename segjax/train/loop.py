@@ -138,6 +138,15 @@ def run(config, workdir: str, *, state: TrainState, driver, train_iter,
     writer.close()
 
 
+def _evaluate(evaluate, device_state, step: int, writer) -> dict[str, float]:
+  """The metrics of `evaluate`; the images it may return with them are written now."""
+  result = evaluate(device_state)
+  if isinstance(result, tuple):
+    result, images = result
+    writer.write_images(step, images)
+  return result
+
+
 def train(config, *, driver, device_state, start_step: int, train_iter,
           checkpointer: checkpoints.Checkpointer,
           writer: metric_writer.MetricWriter, evaluate: Callable[[Any], dict[str, float]],
@@ -146,7 +155,8 @@ def train(config, *, driver, device_state, start_step: int, train_iter,
 
   Args:
     start_step: the step `device_state` stands at.
-    evaluate: device_state -> metrics of the whole eval split.
+    evaluate: device_state -> metrics of the whole eval split, or (metrics, images):
+      images (tag -> uint8 [H, W, 3]) go to TensorBoard (`MetricWriter.write_images`).
     summarize: metrics -> the short text logged after each evaluation.
 
   A run that is already finished is evaluated again (so a rerun with other
@@ -188,7 +198,7 @@ def _train(config, stop: list[int], *, driver, device_state, step: int, train_it
     eval_metrics = None
     if step % config.eval_every_steps == 0 or is_last:
       start = time.perf_counter()
-      eval_metrics = evaluate(device_state)
+      eval_metrics = _evaluate(evaluate, device_state, step, writer)
       logging.info('eval at step %d (%.1fs): %s', step, time.perf_counter() - start,
                    summarize(eval_metrics))
       writer.write(step, 'eval', eval_metrics)
@@ -203,7 +213,7 @@ def _train(config, stop: list[int], *, driver, device_state, step: int, train_it
 
   if eval_metrics is None:  # Resumed a finished run: report its final numbers again.
     start = time.perf_counter()
-    eval_metrics = evaluate(device_state)
+    eval_metrics = _evaluate(evaluate, device_state, step, writer)
     logging.info('already trained to step %d; eval (%.1fs): %s', step,
                  time.perf_counter() - start, summarize(eval_metrics))
   return eval_metrics

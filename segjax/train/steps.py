@@ -177,25 +177,38 @@ def refine_with_crf(crf_config, logits: jnp.ndarray, images: jnp.ndarray,
   return crf.apply_crf(crf_config, logits, rgb)
 
 
+def predict_scores(state: TrainState, images: jnp.ndarray, valid: jnp.ndarray, *,
+                   tta_scales: Sequence[float] = (1.0,), tta_flip: bool = False,
+                   crf_config=None, mean: Sequence[float] = (0.0,) * 3,
+                   std: Sequence[float] = (1.0,) * 3) -> jnp.ndarray:
+  """[B, H, W, C] scores whose argmax is the prediction of normalised `images`.
+
+  The logits without test-time augmentation or CRF; otherwise the TTA-averaged
+  probabilities (`predict_probs`), refined by the CRF if `crf_config.enabled` (its
+  unaries are the log-probabilities; `mean`/`std` are the dataset's normalisation;
+  `valid` [B, H, W] marks real pixels, see `refine_with_crf`).
+  """
+  use_crf = crf_config is not None and crf_config.enabled
+  if tuple(tta_scales) == (1.0,) and not tta_flip and not use_crf:
+    return predict(state, images)
+  scores = predict_probs(state, images, scales=tta_scales, flip=tta_flip)
+  if use_crf:
+    unary = jnp.log(jnp.maximum(scores, jnp.finfo(jnp.float32).tiny))
+    scores = refine_with_crf(crf_config, unary, images, valid, mean, std)
+  return scores
+
+
 def eval_step(state: TrainState, batch: dict[str, jnp.ndarray], *, num_classes: int,
               axis_name: str | None = None, tta_scales: Sequence[float] = (1.0,),
               tta_flip: bool = False, crf_config=None, mean: Sequence[float] = (0.0,) * 3,
               std: Sequence[float] = (1.0,) * 3) -> jnp.ndarray:
   """[C, C] confusion matrix of one batch (with 'valid' masking padding), summed over devices.
 
-  Without test-time augmentation or CRF the prediction is the argmax of the logits;
-  otherwise of the TTA-averaged probabilities (`predict_probs`), refined by the CRF
-  if `crf_config.enabled` (its unaries are the log-probabilities; `mean`/`std` are
-  the dataset's normalisation).
+  The prediction is the argmax of `predict_scores` (logits, or TTA-averaged and
+  CRF-refined probabilities).
   """
-  use_crf = crf_config is not None and crf_config.enabled
-  if tuple(tta_scales) == (1.0,) and not tta_flip and not use_crf:
-    scores = predict(state, batch['image'])
-  else:
-    scores = predict_probs(state, batch['image'], scales=tta_scales, flip=tta_flip)
-    if use_crf:
-      unary = jnp.log(jnp.maximum(scores, jnp.finfo(jnp.float32).tiny))
-      scores = refine_with_crf(crf_config, unary, batch['image'], batch['valid'], mean, std)
+  scores = predict_scores(state, batch['image'], batch['valid'], tta_scales=tta_scales,
+                          tta_flip=tta_flip, crf_config=crf_config, mean=mean, std=std)
   predictions = jnp.argmax(scores, axis=-1)
   confusion = confusion_matrix(predictions, batch['label'], batch['valid'], num_classes)
   return confusion if axis_name is None else lax.psum(confusion, axis_name)
@@ -222,5 +235,14 @@ def bind_eval_step(config):
   return functools.partial(
       eval_step, num_classes=config.dataset.num_classes,
       tta_scales=tuple(float(s) for s in config.eval.tta.scales),
+      tta_flip=bool(config.eval.tta.flip), crf_config=config.eval.crf,
+      mean=tuple(config.dataset.mean), std=tuple(config.dataset.std))
+
+
+def bind_predict_scores(config):
+  """`predict_scores` with the config's TTA/CRF options and normalisation fixed:
+  (state, images, valid) -> [B, H, W, C] scores (what `bind_eval_step` takes the argmax of)."""
+  return functools.partial(
+      predict_scores, tta_scales=tuple(float(s) for s in config.eval.tta.scales),
       tta_flip=bool(config.eval.tta.flip), crf_config=config.eval.crf,
       mean=tuple(config.dataset.mean), std=tuple(config.dataset.std))
