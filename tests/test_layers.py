@@ -236,3 +236,62 @@ def test_convbn_bn_axis_name_averages_statistics_across_devices():
   np.testing.assert_allclose(got.reshape(want.shape), want, atol=1e-5)
   np.testing.assert_allclose(got_upd['batch_stats']['bn']['mean'][0],
                              want_upd['batch_stats']['bn']['mean'], atol=1e-6)
+
+
+# (kernel, stride, dilation, input H, W): ResNet's 3x3 / 1x1 / strided / dilated convs,
+# the 7x7/2 stem, an even kernel (padding after) and odd sizes at stride 2.
+_TAPS_CASES = [(3, 1, 1, 9, 9), (1, 1, 1, 7, 6), (1, 2, 1, 9, 8), (3, 2, 1, 9, 10),
+               (3, 1, 2, 11, 9), (3, 1, 4, 8, 8), (7, 2, 1, 13, 12), (2, 1, 1, 6, 7)]
+
+
+@pytest.mark.parametrize('kernel,stride,dilation,height,width', _TAPS_CASES)
+def test_conv_taps_gradients_equal_jax_grad_of_the_plain_conv(kernel, stride, dilation,
+                                                              height, width):
+  kx, kw, kg = jax.random.split(jax.random.key(1), 3)
+  x = jax.random.normal(kx, (2, height, width, 5))
+  w = jax.random.normal(kw, (kernel, kernel, 5, 4))
+  strides, dil = (stride, stride), (dilation, dilation)
+  padding = layers.torch_padding(kernel, dilation)
+  plain = lambda x_, w_: layers._conv_nhwc(x_, w_, strides, padding, dil)  # noqa: E731
+  taps = lambda x_, w_: layers.conv_taps(x_, w_, strides, padding, dil)  # noqa: E731
+  g = jax.random.normal(kg, plain(x, w).shape)
+  np.testing.assert_array_equal(taps(x, w), plain(x, w))
+  want = jax.grad(lambda x_, w_: jnp.sum(plain(x_, w_) * g), argnums=(0, 1))(x, w)
+  got = jax.jit(jax.grad(lambda x_, w_: jnp.sum(taps(x_, w_) * g), argnums=(0, 1)))(x, w)
+  np.testing.assert_array_equal(got[0], want[0])  # the input gradient is XLA's own
+  np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize('impl', ['taps', 'taps_1x1'])
+def test_conv_weight_grad_option_keeps_params_outputs_and_gradients(impl):
+  """A ConvBN stack under `conv_weight_grad(impl)`: same parameters, outputs and
+  gradients (to float rounding) as the default XLA gradient."""
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = layers.ConvBN(8, 3, strides=2)(x, train=True)
+      x = layers.ConvBN(8, 1)(x, train=True)
+      return layers.conv2d(3, 3, dilation=2, name='head')(x)
+
+  x = jax.random.normal(jax.random.key(2), (2, 12, 12, 3))
+  net = Net()
+  variables = net.init(jax.random.key(0), x)
+
+  def loss(params, x_):
+    out, _ = net.apply({**variables, 'params': params}, x_, mutable=['batch_stats'])
+    return jnp.sum(out ** 2)
+
+  want = jax.grad(loss, argnums=(0, 1))(variables['params'], x)
+  with layers.conv_weight_grad(impl):
+    assert jax.tree.structure(net.init(jax.random.key(0), x)) == jax.tree.structure(variables)
+    got = jax.jit(jax.grad(loss, argnums=(0, 1)))(variables['params'], x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), got, want)
+
+
+def test_conv_weight_grad_rejects_unknown_impl():
+  with pytest.raises(ValueError, match=r"conv_weight_grad='im2col'.*'taps'"):
+    with layers.conv_weight_grad('im2col'):
+      pass
+  with pytest.raises(ValueError, match='weight_grad='):
+    layers.conv2d(4, weight_grad='fast')

@@ -18,13 +18,17 @@ Conventions (hold everywhere in `segjax.models`):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import contextvars
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -57,17 +61,135 @@ def torch_padding(kernel_size: int | Sequence[int],
   return tuple(pads)
 
 
+# ---------------------------------------------------------------------------
+# The convolution's filter gradient.
+#
+# XLA's CPU backend computes the filter gradient of a convolution (the backward conv
+# with the batch as the contraction) several times slower than the forward conv or a
+# matmul of the same FLOPs (DESIGN.md, "Known sharp edges"). 'taps' computes it
+# instead as one matmul per kernel tap: dw[i, j] = x_shift(i, j)^T @ dy over the
+# [B * Ho * Wo] rows, where x_shift is the padded input strided and offset to tap
+# (i, j). Same sums as jax.grad of the conv, different summation order. The input
+# gradient stays XLA's. Selected with `conv_weight_grad(...)` around tracing;
+# 'taps_1x1' uses it for 1x1 kernels only (there it is one plain matmul), measured in
+# experiments/benchmarks/README.md.
+
+CONV_WEIGHT_GRADS = ('xla', 'taps', 'taps_1x1')
+_CONV_WEIGHT_GRAD = contextvars.ContextVar('segjax_conv_weight_grad', default='xla')
+
+
+@contextlib.contextmanager
+def conv_weight_grad(impl: str) -> Iterator[None]:
+  """Convs built by `conv2d` while tracing inside this context use filter gradient `impl`.
+
+  'xla': XLA's own; 'taps': per-tap matmuls (see above); 'taps_1x1': per-tap matmuls
+  for 1x1 kernels, XLA's for the others. The choice is read when a
+  module is traced (its jit compiled), so wrap the first call of a jitted step.
+  """
+  if impl not in CONV_WEIGHT_GRADS:
+    raise ValueError(f'conv_weight_grad={impl!r} is not valid; choose one of '
+                     f'{list(CONV_WEIGHT_GRADS)}')
+  token = _CONV_WEIGHT_GRAD.set(impl)
+  try:
+    yield
+  finally:
+    _CONV_WEIGHT_GRAD.reset(token)
+
+
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _conv_nhwc(x, w, strides, padding, dilation, precision=None):
+  return lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilation,
+                                  dimension_numbers=_NHWC, precision=precision)
+
+
+def filter_grad_taps(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int],
+                     strides: tuple[int, int], padding: tuple[tuple[int, int], ...],
+                     dilation: tuple[int, int]) -> jax.Array:
+  """d(sum(conv(x, w) * dy)) / dw as per-tap matmuls.
+
+  x: [B, H, W, C], dy: [B, Ho, Wo, K] -> [kh, kw, C, K] (HWIO), in w's layout; f32
+  accumulation, the result in x's dtype.
+  """
+  kh, kw, cin, cout = kernel_shape
+  batch, out_h, out_w, _ = dy.shape
+  xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  rows = dy.reshape(-1, cout)
+  taps = []
+  for i in range(kh):
+    for j in range(kw):
+      r0, c0 = i * dilation[0], j * dilation[1]
+      shifted = lax.slice(xp, (0, r0, c0, 0),
+                          (batch, r0 + (out_h - 1) * strides[0] + 1,
+                           c0 + (out_w - 1) * strides[1] + 1, cin),
+                          (1, strides[0], strides[1], 1))
+      taps.append(lax.dot_general(shifted.reshape(-1, cin), rows, (((0,), (0,)), ((), ())),
+                                  preferred_element_type=jnp.float32))
+  return jnp.stack(taps).reshape(kh, kw, cin, cout).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv_taps(x: jax.Array, w: jax.Array, strides: tuple[int, int],
+              padding: tuple[tuple[int, int], ...], dilation: tuple[int, int]) -> jax.Array:
+  """NHWC x HWIO conv whose filter gradient is `filter_grad_taps`; value = the plain conv."""
+  return _conv_nhwc(x, w, strides, padding, dilation)
+
+
+def _conv_taps_fwd(x, w, strides, padding, dilation):
+  return _conv_nhwc(x, w, strides, padding, dilation), (x, w)
+
+
+def _conv_taps_bwd(strides, padding, dilation, residuals, dy):
+  x, w = residuals
+  _, input_vjp = jax.vjp(lambda x_: _conv_nhwc(x_, w, strides, padding, dilation), x)
+  (dx,) = input_vjp(dy)
+  return dx, filter_grad_taps(x, dy, w.shape, strides, padding, dilation).astype(w.dtype)
+
+
+conv_taps.defvjp(_conv_taps_fwd, _conv_taps_bwd)
+
+
+def conv_general_dilated_taps(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                              rhs_dilation=None, dimension_numbers=None,
+                              feature_group_count=1, precision=None, **kwargs):
+  """`lax.conv_general_dilated` with `conv_taps`'s gradient where it applies (NHWC/HWIO,
+  explicit padding, no input dilation or groups); otherwise the plain op."""
+  rhs_dilation = tuple(rhs_dilation or (1,) * (lhs.ndim - 2))
+  nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+  plain = (lhs.ndim != 4 or isinstance(padding, str) or feature_group_count != 1 or kwargs
+           or precision is not None or any(d != 1 for d in (lhs_dilation or (1, 1)))
+           or (dimension_numbers is not None and
+               lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != nhwc))
+  if plain:
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
+                                    rhs_dilation, dimension_numbers, feature_group_count,
+                                    precision=precision, **kwargs)
+  return conv_taps(lhs, rhs, tuple(int(s) for s in window_strides),
+                   tuple((int(a), int(b)) for a, b in padding), rhs_dilation)
+
+
 def conv2d(features: int, kernel_size: int | Sequence[int] = 3, *,
            strides: int | Sequence[int] = 1, dilation: int | Sequence[int] = 1,
            use_bias: bool = True, dtype: Dtype | None = None,
            kernel_init: Initializer = kaiming_normal_fan_out,
-           name: str | None = None) -> nn.Conv:
-  """A `nn.Conv` with PyTorch padding (`dilation * (k - 1) // 2` per side)."""
+           name: str | None = None, weight_grad: str | None = None) -> nn.Conv:
+  """A `nn.Conv` with PyTorch padding (`dilation * (k - 1) // 2` per side).
+
+  `weight_grad`: the filter gradient, one of CONV_WEIGHT_GRADS; None = the one set by
+  `conv_weight_grad(...)` (default 'xla'). Parameters and outputs do not depend on it.
+  """
+  weight_grad = weight_grad or _CONV_WEIGHT_GRAD.get()
+  if weight_grad not in CONV_WEIGHT_GRADS:
+    raise ValueError(f'weight_grad={weight_grad!r} is not valid; choose one of '
+                     f'{list(CONV_WEIGHT_GRADS)}')
+  taps = weight_grad == 'taps' or (weight_grad == 'taps_1x1' and _pair(kernel_size) == (1, 1))
   return nn.Conv(
       features, _pair(kernel_size), strides=_pair(strides),
       padding=torch_padding(kernel_size, dilation),
       kernel_dilation=_pair(dilation), use_bias=use_bias, dtype=dtype,
-      kernel_init=kernel_init, name=name)
+      kernel_init=kernel_init, name=name,
+      conv_general_dilated=conv_general_dilated_taps if taps else None)
 
 
 def batch_norm(train: bool, *, axis_name: str | None = None,
