@@ -52,6 +52,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 2
   config.keep_best_checkpoints = 1
+  # A step with a non-finite loss or gradient never updates the state. 'stop': fail
+  # naming the step (the latest checkpoint is the last good state); 'skip': count it
+  # in the train metrics ('skipped_steps') and go on. See segjax/train/loop.py.
+  config.nonfinite = 'stop'
   return config
 
 

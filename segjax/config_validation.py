@@ -10,7 +10,7 @@ import numbers
 
 from segjax import models
 from segjax.models import crf
-from segjax.train import optimizers, parallel
+from segjax.train import loop, optimizers, parallel
 
 _POSITIVE_INTS = ('num_train_steps', 'batch_size', 'eval_batch_size', 'eval_every_steps',
                   'checkpoint_every_steps', 'log_every_steps', 'keep_checkpoints')
@@ -30,6 +30,7 @@ def validate_config(config) -> None:
       raise ValueError(f'config.{name}={value!r} must be a positive integer')
   if config.keep_best_checkpoints < 0:
     raise ValueError(f'config.keep_best_checkpoints={config.keep_best_checkpoints!r} must be >= 0')
+  loop.validate_nonfinite_policy(config.nonfinite)
   models.validate_model_config(config.model)
   optimizers.validate_optimizer_config(config.optimizer)
   _validate_dataset(config.dataset)

@@ -61,6 +61,9 @@ def main(argv):
   except loop.Interrupted as stopped:
     logging.error('%s', stopped)
     sys.exit(128 + stopped.signum)
+  except loop.NonFiniteLoss as error:
+    logging.error('%s', error)
+    sys.exit(1)
   logging.info('final eval: miou=%.4f pixel_accuracy=%.4f', metrics['miou'],
                metrics['pixel_accuracy'])
 

@@ -10,7 +10,7 @@ import pytest
 from segjax import base_config, config_validation, models
 from segjax.train import steps
 from segjax.train.losses import cross_entropy_sum
-from segjax.train.state import create_train_state
+from segjax.train.state import TrainState, create_train_state
 
 NUM_CLASSES = 4
 
@@ -133,3 +133,44 @@ def test_bind_train_step_reads_the_config():
   with pytest.raises(ValueError, match="downsample_labels=True needs a model with coarse "
                                        "logits .* not model.name='fcn8s'"):
     config_validation.validate_config(fcn)
+
+
+
+def test_non_finite_batch_skips_the_update_but_advances_the_step():
+  state = _state('fcn8s')
+  batch = _batch()
+  batch['image'][1, 5, 5, 0] = np.nan
+  new_state, metrics = jax.jit(steps.train_step)(state, batch)
+  assert int(new_state.step) == int(state.step) + 1
+  assert float(metrics['nonfinite']) == 1.0 and not np.isfinite(float(metrics['loss']))
+  for name in ('params', 'batch_stats', 'opt_state'):
+    for a, b in zip(jax.tree_util.tree_leaves(getattr(state, name)),
+                    jax.tree_util.tree_leaves(getattr(new_state, name)), strict=True):
+      np.testing.assert_array_equal(a, b)
+  _, metrics = jax.jit(steps.train_step)(state, _batch())
+  assert float(metrics['nonfinite']) == 0.0
+
+
+@pytest.mark.parametrize('bad', [None, 'grad_nan', 'grad_inf', 'loss_nan'])
+def test_gated_update_is_apply_gradients_when_finite_and_a_no_op_otherwise(bad):
+  tx = optax.adamw(0.1)
+  params = {'a': jnp.array([1.0, -2.0]), 'b': {'kernel': jnp.ones((2, 2))}}
+  state = TrainState(
+      step=jnp.asarray(3, jnp.int32), params=params, batch_stats={'mean': jnp.zeros(2)},
+      opt_state=tx.init(params), rng=jnp.zeros((2,), jnp.uint32), apply_fn=None, tx=tx)
+  grads = {'a': jnp.array([0.5, 0.25]), 'b': {'kernel': jnp.full((2, 2), -1.0)}}
+  loss = jnp.float32(0.7)
+  if bad == 'grad_nan':
+    grads['b']['kernel'] = grads['b']['kernel'].at[1, 0].set(jnp.nan)
+  elif bad == 'grad_inf':
+    grads['a'] = grads['a'].at[0].set(jnp.inf)
+  elif bad == 'loss_nan':
+    loss = jnp.float32(jnp.nan)
+  new_stats = {'mean': jnp.ones(2)}
+  gated, finite = state.apply_gradients_if_finite(grads, loss, batch_stats=new_stats)
+  expected = (state.apply_gradients(grads, batch_stats=new_stats) if bad is None
+              else state.replace(step=state.step + 1))
+  assert bool(finite) == (bad is None)
+  for a, b in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(gated),
+                  strict=True):
+    np.testing.assert_array_equal(a, b)

@@ -8,19 +8,39 @@ writes to a temporary directory and renames it when complete, so a killed run
 leaves no partial checkpoint as the latest. Retention keeps the latest
 `keep` checkpoints plus the `keep_best` best by a validation metric (mIoU for the
 semantic models, COCO AP for the detectors).
+
+Resuming (`restore_latest`) trusts nothing on disk: a latest checkpoint that cannot
+be read (truncated or corrupted file, missing entry) is reported, moved aside to
+WORKDIR/checkpoints_corrupt/STEP and the previous one is used. A readable checkpoint
+whose parameter names or shapes differ from the model's (another model or config
+wrote this workdir) raises `CheckpointMismatch` naming them; it is never loaded
+partially. Parameters with NaN or infinity are never written (`save` raises).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any
 
+import flax
+
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
 from segjax.train.state import TrainState
 
+
+
+class CheckpointMismatch(ValueError):
+  """A checkpoint's parameters do not fit the model it is restored into."""
+
+
+class NoReadableCheckpoint(RuntimeError):
+  """Every checkpoint in the directory failed to restore."""
 
 
 def state_arrays(state: TrainState) -> dict[str, Any]:
@@ -44,8 +64,11 @@ class Checkpointer:
     ])
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, enable_async_checkpointing=async_save, create=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=('state', 'data'))
+    # Handlers given up front so that metadata can be read before any save or restore.
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'data': ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -55,6 +78,9 @@ class Checkpointer:
     """Starts an async save of `state` (host arrays) at `state.step`."""
     arrays = jax.device_get(state_arrays(state))
     step = int(arrays['step'])
+    bad = _first_nonfinite(arrays['params'])
+    if bad is not None:
+      raise ValueError(f'refusing to save step {step}: parameter {bad} is not finite')
     best_metrics = None
     if metrics is not None and self.best_metric in metrics:
       best_metrics = {self.best_metric: float(metrics[self.best_metric])}
@@ -76,11 +102,90 @@ class Checkpointer:
     state = template.replace(**arrays)
     return state, _decode(restored['data'])
 
+  def restore_latest(self, template: TrainState) -> tuple[TrainState, Any] | None:
+    """The newest checkpoint that restores, as `restore`; None if there is none.
+
+    Unreadable checkpoints are logged and moved to `quarantine_dir` one by one, newest
+    first, until one restores. Raises CheckpointMismatch (from the newest readable
+    one) if the model differs, NoReadableCheckpoint if none restores.
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    if not steps:
+      return None
+    for step in steps:
+      try:
+        self.check_compatible(template, step)
+        return self.restore(template, step)
+      except CheckpointMismatch:
+        raise
+      except Exception as error:  # pylint: disable=broad-except
+        moved = self._quarantine(step)
+        logging.warning('checkpoint step %d in %s cannot be read (%s: %s); moved it to %s '
+                        'and trying the previous one.', step, self.directory,
+                        type(error).__name__, str(error).splitlines()[0][:300], moved)
+    raise NoReadableCheckpoint(
+        f'none of the checkpoints {sorted(steps)} in {self.directory} could be read (each was '
+        f'moved to {self.quarantine_dir}); delete the workdir, or pick another, to start anew')
+
+  @property
+  def quarantine_dir(self) -> str:
+    return self.directory.rstrip(os.sep) + '_corrupt'
+
+  def _quarantine(self, step: int) -> str:
+    os.makedirs(self.quarantine_dir, exist_ok=True)
+    target = os.path.join(self.quarantine_dir, str(step))
+    if os.path.exists(target):
+      shutil.rmtree(target)
+    shutil.move(os.path.join(self.directory, str(step)), target)
+    self.manager.reload()
+    return target
+
+  def check_compatible(self, template: TrainState, step: int) -> None:
+    """Raises CheckpointMismatch naming parameters whose names or shapes differ.
+
+    Reading the metadata may raise other errors for a damaged checkpoint.
+    """
+    saved = self.manager.item_metadata(step)['state'].tree
+    expected = jax.device_get(state_arrays(template))
+    problems = []
+    for section in ('params', 'batch_stats'):
+      have = flax.traverse_util.flatten_dict(saved.get(section) or {}, sep='/')
+      want = flax.traverse_util.flatten_dict(expected[section] or {}, sep='/')
+      missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+      if missing:
+        problems.append(f'{section} the model has but the checkpoint lacks: {_some(missing)}')
+      if extra:
+        problems.append(f'{section} in the checkpoint the model lacks: {_some(extra)}')
+      shapes = [f'{name} {tuple(have[name].shape)} in the checkpoint vs '
+                f'{tuple(np.shape(want[name]))} in the model'
+                for name in sorted(set(want) & set(have))
+                if tuple(have[name].shape) != tuple(np.shape(want[name]))]
+      if shapes:
+        problems.append(f'{section} shapes differ: {_some(shapes)}')
+    if problems:
+      raise CheckpointMismatch(
+          f'checkpoint step {step} in {self.directory} was written by a different model or '
+          f'config: {"; ".join(problems)}. Use a new --workdir for a different model, or '
+          'config.init_from to start from parts of this one.')
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _some(names: list[str], limit: int = 5) -> str:
+  more = f' and {len(names) - limit} more' if len(names) > limit else ''
+  return ', '.join(names[:limit]) + more
+
+
+def _first_nonfinite(tree: Any) -> str | None:
+  """Path ('a/b/kernel') of the first leaf with a NaN or infinity, or None."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if not np.all(np.isfinite(leaf)):
+      return '/'.join(str(getattr(k, 'key', k)) for k in path)
+  return None
 
 
 def _encode(data_state: Any) -> dict[str, Any]:

@@ -134,14 +134,16 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, axis_name: str
     losses = mask_rcnn.finalize_losses(outputs['loss_terms'], axis_name)
     return losses['loss'], (losses, mutated.get('batch_stats', {}))
 
-  (_, (losses, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (losses, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grads = global_sum(grads)
   if freeze_bn:
     grads = zero_batch_norm_grads(grads, state.batch_stats)
     batch_stats = state.batch_stats
-  new_state = state.apply_gradients(grads, batch_stats=batch_stats)
+  new_state, finite = state.apply_gradients_if_finite(grads, global_sum(loss),
+                                                      batch_stats=batch_stats)
   metrics = {name: global_sum(value) for name, value in losses.items()}
   metrics['grad_norm'] = optax.tree.norm(grads)
+  metrics['nonfinite'] = 1.0 - finite.astype(jnp.float32)
   metrics['num_gt'] = global_sum(jnp.sum(batch['gt_valid'], dtype=jnp.float32))
   if learning_rate_fn is not None:
     metrics['learning_rate'] = learning_rate_fn(state.step)

@@ -12,6 +12,14 @@ finishes, a checkpoint of it is written (and waited for), and `Interrupted` is
 raised; `segjax.main` turns it into exit status 128 + signal number with a line
 saying how to resume. A second signal of the same kind, or `kill -9`, stops the
 process at once; rerunning resumes from the latest complete checkpoint.
+
+Non-finite loss or gradients (`config.nonfinite`): the step never applies such an
+update (`TrainState.apply_gradients_if_finite`), so no NaN reaches the state or a
+checkpoint. 'skip' counts the skipped steps ('skipped_steps' in the train metrics,
+a warning per step) and goes on; 'stop' raises `NonFiniteLoss` naming the first
+bad step before anything after it is saved, so the latest checkpoint is the last
+good state. The per-step flags are checked at least every MAX_STEPS_IN_FLIGHT steps
+and before every checkpoint.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ MAX_STEPS_IN_FLIGHT = 8
 
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+NONFINITE_POLICIES = ('stop', 'skip')
 
 
 class Interrupted(Exception):
@@ -47,6 +56,25 @@ class Interrupted(Exception):
     self.signum, self.step = signum, step
     super().__init__(f'{signal.Signals(signum).name} received: stopped after step {step} '
                      'and saved a checkpoint of it; rerun the same command to resume.')
+
+
+def validate_nonfinite_policy(policy: Any) -> None:
+  if policy not in NONFINITE_POLICIES:
+    raise ValueError(f'config.nonfinite={policy!r} is not one of {NONFINITE_POLICIES}')
+
+
+class NonFiniteLoss(Exception):
+  """The loss or a gradient of `step` was NaN or infinite (config.nonfinite='stop')."""
+
+  def __init__(self, step: int, last_checkpoint: int | None, directory: str):
+    self.step = step
+    saved = (f'the latest checkpoint (step {last_checkpoint} in {directory}) holds the last '
+             'good parameters' if last_checkpoint is not None else 'no checkpoint was saved yet')
+    super().__init__(
+        f'non-finite loss or gradients at step {step}: its update was not applied and '
+        f"training stopped (config.nonfinite='stop'); {saved}. Rerunning resumes there and "
+        'meets the same batch: lower optimizer.learning_rate, set optimizer.grad_clip_norm, '
+        "or pass --config.nonfinite=skip to skip such steps.")
 
 
 @contextlib.contextmanager
@@ -98,8 +126,9 @@ def start_or_resume(config, workdir: str, state: TrainState, train_iter,
 
   A fresh start logs the model and writes WORKDIR/config.json.
   """
-  if checkpointer.latest_step() is not None:
-    state, data_state = checkpointer.restore(state)
+  restored = checkpointer.restore_latest(state)
+  if restored is not None:
+    state, data_state = restored
     train_iter.set_state(data_state)
     logging.info('Resumed from %s at step %d.', checkpointer.directory, int(state.step))
     if writer.enabled:
@@ -171,9 +200,35 @@ def train(config, *, driver, device_state, start_step: int, train_iter,
                   evaluate=evaluate, summarize=summarize)
 
 
+class _FiniteCheck:
+  """Watches the steps' 'nonfinite' flags and applies config.nonfinite to new ones."""
+
+  def __init__(self, policy: str, checkpointer: checkpoints.Checkpointer):
+    self.policy, self.checkpointer = policy, checkpointer
+    self.checked = 0  # flags of pending[:checked] have been looked at
+
+  def __call__(self, pending: list[tuple[int, dict[str, Any]]]) -> None:
+    new = pending[self.checked:]
+    self.checked = len(pending)
+    if not new or 'nonfinite' not in new[0][1]:
+      return
+    flags = jax.device_get([metrics['nonfinite'] for _, metrics in new])
+    for (step, _), flag in zip(new, flags):
+      if not flag:
+        continue
+      if self.policy == 'stop':
+        raise NonFiniteLoss(step, self.checkpointer.latest_step(), self.checkpointer.directory)
+      logging.warning('non-finite loss or gradients at step %d: update skipped '
+                      "(config.nonfinite='skip').", step)
+
+  def reset(self) -> None:
+    self.checked = 0
+
+
 def _train(config, stop: list[int], *, driver, device_state, step: int, train_iter, checkpointer,
            writer, evaluate, summarize) -> dict[str, float]:
-  pending: list[dict[str, Any]] = []
+  pending: list[tuple[int, dict[str, Any]]] = []
+  check_finite = _FiniteCheck(config.nonfinite, checkpointer)
   window_start, window_steps = time.perf_counter(), 0
   eval_metrics = None
   while step < config.num_train_steps:
@@ -181,14 +236,19 @@ def _train(config, stop: list[int], *, driver, device_state, step: int, train_it
     device_state, metrics = driver.train_step(device_state, batch)
     step += 1
     window_steps += 1
-    pending.append(metrics)
+    pending.append((step, metrics))
     is_last = step == config.num_train_steps
-    if len(pending) >= MAX_STEPS_IN_FLIGHT:
-      jax.block_until_ready(pending[-1])
+    if len(pending) - check_finite.checked >= MAX_STEPS_IN_FLIGHT:
+      check_finite(pending)  # also the sync that keeps few steps in flight
     if step % config.log_every_steps == 0 or is_last:
-      fetched = jax.device_get(pending)
+      check_finite(pending)
+      fetched = jax.device_get([metrics for _, metrics in pending])
       pending = []
+      check_finite.reset()
       mean_metrics = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+      if 'nonfinite' in mean_metrics:
+        mean_metrics['skipped_steps'] = float(sum(m['nonfinite'] for m in fetched))
+        del mean_metrics['nonfinite']
       steps_per_second = window_steps / (time.perf_counter() - window_start)
       images_per_second = steps_per_second * config.batch_size
       metric_writer.log_train(step, config.num_train_steps, mean_metrics, steps_per_second,
@@ -203,6 +263,7 @@ def _train(config, stop: list[int], *, driver, device_state, step: int, train_it
                    summarize(eval_metrics))
       writer.write(step, 'eval', eval_metrics)
     if step % config.checkpoint_every_steps == 0 or is_last or eval_metrics is not None or stop:
+      check_finite(pending)
       checkpointer.save(driver.get_state(device_state), train_iter.get_state(),
                         metrics=eval_metrics)
     if stop and step < config.num_train_steps:

@@ -30,6 +30,26 @@ class TrainState:
     params = optax.apply_updates(self.params, updates)
     return self.replace(step=self.step + 1, params=params, opt_state=opt_state, **changes)
 
+  def apply_gradients_if_finite(self, grads, loss: jnp.ndarray,
+                                **changes) -> tuple['TrainState', jnp.ndarray]:
+    """`apply_gradients` if `loss` and every gradient are finite; else only `step + 1`.
+
+    A skipped step keeps params, optimizer state and `changes`' old values (BatchNorm
+    statistics of a non-finite forward pass are dropped too), so no NaN reaches the
+    state, and the step counter still advances so the data order and rng are those of
+    a run without the bad batch. With finite values the result is bit-identical to
+    `apply_gradients`. `loss` must be the same on every device (a global value).
+    Returns (state, finite) with `finite` a bool scalar.
+    """
+    finite = jnp.isfinite(loss)
+    for g in jax.tree_util.tree_leaves(grads):
+      finite &= jnp.all(jnp.isfinite(g))
+    updated = self.apply_gradients(grads, **changes)
+    kept = self.replace(step=self.step + 1,
+                        **{name: getattr(self, name) for name in changes})
+    return jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),
+                                  updated, kept), finite
+
 
 def create_train_state(model, tx: optax.GradientTransformation, rng: jax.Array,
                        input_shape: tuple[int, ...]) -> TrainState:

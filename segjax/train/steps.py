@@ -107,7 +107,8 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray], *,
   grads = global_sum(grads)
   if freeze_bn:
     grads = zero_batch_norm_grads(grads, state.batch_stats)
-  new_state = state.apply_gradients(grads, batch_stats=batch_stats)
+  new_state, finite = state.apply_gradients_if_finite(grads, global_sum(loss),
+                                                      batch_stats=batch_stats)
 
   labels = batch['label']
   labelled = labels != ignore_label
@@ -117,6 +118,9 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray], *,
       'main_loss': global_sum(main_loss),
       'pixel_accuracy': global_sum(correct) / jnp.maximum(global_sum(jnp.sum(labelled)), 1),
       'grad_norm': optax.tree.norm(grads),
+      # 1.0 where the update was skipped (non-finite loss or gradients), see
+      # TrainState.apply_gradients_if_finite and config.nonfinite.
+      'nonfinite': 1.0 - finite.astype(jnp.float32),
   }
   if learning_rate_fn is not None:
     metrics['learning_rate'] = learning_rate_fn(state.step)

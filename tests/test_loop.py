@@ -1,0 +1,110 @@
+"""The shared step loop's fault handling: non-finite steps ('stop' / 'skip'), never a NaN
+parameter on disk, and resuming past a corrupted latest checkpoint."""
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from segjax import base_config, config_validation, detection_config
+from segjax.train import checkpoints, loop, metric_writer, trainer
+from segjax.train.state import TrainState
+
+pytestmark = pytest.mark.slow
+
+
+def _tiny_config(data_dir, *, steps, checkpoint_every, **overrides):
+  config = base_config.fcn_config('fcn8s', 'digit_scenes')
+  config.dataset.name = 'digit_scenes/tiny'
+  config.dataset.data_dir = data_dir
+  config.dataset.crop_size = (32, 32)
+  config.model.width_multiplier = 1 / 8
+  config.batch_size = 4
+  config.eval_batch_size = 10
+  config.num_train_steps = steps
+  config.eval_every_steps = steps
+  config.checkpoint_every_steps = checkpoint_every
+  config.log_every_steps = steps
+  config.optimizer.warmup_steps = 0
+  config.update(overrides)
+  return config
+
+
+def _params(workdir, config, step=None):
+  state, _ = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints')).restore(
+      trainer.create_state(config), step=step)
+  return state
+
+
+def _all_finite(tree):
+  return all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree_util.tree_leaves(tree))
+
+
+# AdamW moves every parameter by about the learning rate: after step 1 the weights are
+# ~1e30, and step 2's activations overflow to inf and NaN (BatchNorm: inf - inf).
+_EXPLODING_LR = 1e30
+
+
+def test_stop_policy_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
+  config = _tiny_config(data_dir, steps=4, checkpoint_every=1)
+  config.optimizer.learning_rate = _EXPLODING_LR
+  with pytest.raises(loop.NonFiniteLoss) as raised:
+    trainer.train_and_evaluate(config, str(tmp_path))
+  assert raised.value.step == 2
+  message = str(raised.value)
+  assert 'step 2' in message and 'latest checkpoint (step 1' in message
+  assert '--config.nonfinite=skip' in message
+  ckpt = checkpoints.Checkpointer(str(tmp_path / 'checkpoints'))
+  assert ckpt.manager.all_steps() == [1]  # nothing of step 2 was written
+  assert _all_finite(_params(str(tmp_path), config).params)
+
+
+def test_skip_policy_counts_skipped_steps_and_keeps_parameters_finite(tmp_path, data_dir):
+  config = _tiny_config(data_dir, steps=5, checkpoint_every=1, nonfinite='skip',
+                        keep_checkpoints=5)
+  config.optimizer.learning_rate = _EXPLODING_LR
+  trainer.train_and_evaluate(config, str(tmp_path))
+  [record] = metric_writer.read_metrics(str(tmp_path), 'train')
+  assert record['step'] == 5 and record['skipped_steps'] == 4.0  # steps 2-5
+  first = _params(str(tmp_path), config, step=1)
+  last = _params(str(tmp_path), config, step=5)
+  assert int(last.step) == 5
+  assert _all_finite(last.params) and _all_finite(last.batch_stats)
+  for a, b in zip(jax.tree_util.tree_leaves(first.params), jax.tree_util.tree_leaves(last.params),
+                  strict=True):
+    np.testing.assert_array_equal(a, b)  # every later update was skipped
+
+
+def test_finite_runs_log_zero_skipped_steps(tmp_path, data_dir):
+  config = _tiny_config(data_dir, steps=3, checkpoint_every=3)
+  trainer.train_and_evaluate(config, str(tmp_path))
+  [record] = metric_writer.read_metrics(str(tmp_path), 'train')
+  assert record['skipped_steps'] == 0.0 and np.isfinite(record['loss'])
+
+
+@pytest.mark.parametrize('make', [base_config.get_base_config,
+                                  detection_config.get_detection_base_config])
+def test_unknown_nonfinite_policy_is_rejected_naming_the_choices(make):
+  config = make()
+  config.nonfinite = 'ignore'
+  validate = (config_validation.validate_config if make is base_config.get_base_config
+              else detection_config.validate_detection_config)
+  with pytest.raises(ValueError, match=r"config.nonfinite='ignore'.*\('stop', 'skip'\)"):
+    validate(config)
+
+
+def test_checkpointer_refuses_to_write_nan_parameters(tmp_path):
+  tx = optax.sgd(0.1)
+  params = {'head': {'kernel': jnp.array([1.0, jnp.nan])}}
+  state = TrainState(step=jnp.asarray(7, jnp.int32), params=params, batch_stats={},
+                     opt_state=tx.init(params), rng=jnp.zeros((2,), jnp.uint32),
+                     apply_fn=None, tx=tx)
+  ckpt = checkpoints.Checkpointer(str(tmp_path), async_save=False)
+  with pytest.raises(ValueError, match='step 7: parameter head/kernel is not finite'):
+    ckpt.save(state, {'position': 0})
+  ckpt.close()
+  assert not [d for d in os.listdir(tmp_path) if d.isdigit()]
