@@ -164,3 +164,21 @@ def test_a_resume_replaces_the_init_from_weights(resnet18_dir, tmp_path):
   manager.close()
   jax.tree_util.tree_map(np.testing.assert_array_equal, restored.params, own.params)
   jax.tree_util.tree_map(np.testing.assert_array_equal, restored.batch_stats, own.batch_stats)
+
+
+def test_detection_trainer_loads_a_converted_resnet_into_its_body(resnet18_dir):
+  from segjax import detection_config  # pylint: disable=import-outside-toplevel
+  from segjax.train import detection_trainer  # pylint: disable=import-outside-toplevel
+  path, tv = resnet18_dir
+  config = detection_config.detection_config('faster_rcnn', 'digit_scenes')
+  config.model.width_multiplier = 1.0
+  config.init_from.path = path
+  config.init_from.subtrees = ('backbone->backbone/body',)
+  detection_config.validate_detection_config(config)
+  state = detection_trainer.create_state(config)
+  body = state.params['backbone']['body']
+  np.testing.assert_array_equal(body['layer4_1']['conv2']['kernel'],
+                                tv.layer4[1].conv2.weight.detach().numpy().transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(state.batch_stats['backbone']['body']['bn1']['mean'],
+                                tv.bn1.running_mean.numpy())
+  assert 'fpn' in state.params['backbone'] and 'rpn' in state.params  # fresh init
