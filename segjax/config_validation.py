@@ -10,7 +10,7 @@ import numbers
 
 from segjax import models
 from segjax.models import crf
-from segjax.train import loop, optimizers, parallel
+from segjax.train import init_from, loop, optimizers, parallel
 
 _POSITIVE_INTS = ('num_train_steps', 'batch_size', 'eval_batch_size', 'eval_every_steps',
                   'checkpoint_every_steps', 'log_every_steps', 'keep_checkpoints')
@@ -33,6 +33,8 @@ def validate_config(config) -> None:
   loop.validate_nonfinite_policy(config.nonfinite)
   models.validate_model_config(config.model)
   optimizers.validate_optimizer_config(config.optimizer)
+  if 'init_from' in config:  # configs saved before the field existed have none
+    init_from.validate_config(config.init_from)
   _validate_dataset(config.dataset)
   class_weights = config.loss.class_weights
   if class_weights and len(class_weights) != config.dataset.num_classes:
