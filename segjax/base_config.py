@@ -6,6 +6,7 @@ import ml_collections
 
 from segjax.data.pipeline import default_dataset_config
 from segjax.models import crf, deeplab, default_model_config
+from segjax.train import init_from
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -52,6 +53,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 2
   config.keep_best_checkpoints = 1
+  # Start from converted weights (python -m segjax.convert); see segjax/train/init_from.py.
+  config.init_from = init_from.default_config()
   # A step with a non-finite loss or gradient never updates the state. 'stop': fail
   # naming the step (the latest checkpoint is the last good state); 'skip': count it
   # in the train metrics ('skipped_steps') and go on. See segjax/train/loop.py.

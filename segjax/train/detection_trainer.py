@@ -35,7 +35,7 @@ from segjax import detection_config, visualize
 from segjax.data import instance_pipeline, sources
 from segjax.evaluation import coco_eval
 from segjax.models.detection import mask_rcnn
-from segjax.train import loop, optimizers, parallel, trainer
+from segjax.train import init_from, loop, optimizers, parallel, trainer
 from segjax.train.state import TrainState
 
 # Outputs fetched from the device at evaluation (proposals stay there).
@@ -92,9 +92,11 @@ def create_state(config) -> TrainState:
   init = jax.jit(functools.partial(model.init, train=False))
   variables = jax.device_get(init({'params': init_rng}, jnp.zeros((1, height, width, 3))))
   params = variables['params']
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
-                    rng=state_rng, apply_fn=model.apply, tx=tx)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                     batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
+                     rng=state_rng, apply_fn=model.apply, tx=tx)
+  # Pretrained weights (segjax.convert); a resume then replaces every array (loop.run).
+  return init_from.apply_to_state(state, config.init_from) if 'init_from' in config else state
 
 
 def zero_batch_norm_grads(grads, batch_stats):
