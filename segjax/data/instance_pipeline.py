@@ -14,8 +14,10 @@
 
 Source: any TFDS record with `image` and `objects` = {bbox normalised (ymin, xmin,
 ymax, xmax), label, mask list of [H, W, 1]} (`digit_scenes`, `voc_segmentation`,
-`coco_instances`). Objects flagged `is_crowd` (COCO) and objects with a zero-size box
-are not training targets, as in torchvision's detection reference, which drops them;
+`coco_instances`). Boxes are clipped to the image; objects flagged `is_crowd` (COCO)
+and objects whose clipped box is under MIN_BOX_SIZE pixels wide or high (degenerate
+annotations, boxes outside the image) are not training targets, as in torchvision's
+detection reference, which drops them;
 COCO evaluation still sees the crowd regions (`coco_eval`). Transforms, in order:
 `DecodeInstances` -> `ResizeInstances` (torchvision's GeneralizedRCNNTransform rule:
 scale = min(min_size / short side, max_size / long side); image bilinear, masks
@@ -97,6 +99,11 @@ def validate_instance_dataset_config(c) -> None:
     raise ValueError(f'config.dataset.num_classes={c.num_classes!r} must be >= 2')
 
 
+# Smaller clipped boxes are dropped: resizing can round a thinner one to zero width in
+# float32 (found by tests/test_fuzz_inputs.py), and the box coder divides by widths.
+MIN_BOX_SIZE = 0.01
+
+
 class DecodeInstances(grain.transforms.Map):
   """Record -> image uint8 [H, W, 3], boxes float32 [n, 4] pixels, labels int32 [n] (+1),
   masks uint8 [n, H, W], image_id. Padding records pass through."""
@@ -109,12 +116,14 @@ class DecodeInstances(grain.transforms.Map):
     height, width = image.shape[:2]
     objects = element['objects']
     bbox = np.asarray(objects['bbox'], np.float32).reshape(-1, 4)
-    boxes = bbox[:, [1, 0, 3, 2]] * np.asarray([width, height, width, height], np.float32)
+    boxes = np.clip(bbox[:, [1, 0, 3, 2]], 0.0, 1.0) * np.asarray(
+        [width, height, width, height], np.float32)
     labels = np.asarray(objects['label'], np.int64).reshape(-1) + 1
     masks = [np.asarray(m).reshape(height, width) for m in objects['mask']]
     masks = (np.stack(masks) if masks else np.zeros((0, height, width))).astype(np.uint8)
     # Crowd regions and zero-size boxes are no training targets (module docstring).
-    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    keep = ((boxes[:, 2] - boxes[:, 0] >= MIN_BOX_SIZE)
+            & (boxes[:, 3] - boxes[:, 1] >= MIN_BOX_SIZE))
     if 'is_crowd' in objects:
       keep &= ~np.asarray(objects['is_crowd'], bool).reshape(-1)
     if not keep.all():
