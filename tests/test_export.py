@@ -180,3 +180,23 @@ def test_mask_rcnn_exports_with_symbolic_batch_and_matches(tmp_path):
   single = model(images[:1], sizes[:1])
   np.testing.assert_allclose(np.asarray(single['boxes'])[0], np.asarray(out['boxes'])[0],
                              atol=1e-4)
+
+
+def test_tta_config_exports_mean_probabilities(tmp_path):
+  config = _tiny_config()
+  config.eval.tta.flip = True
+  config.eval.tta.scales = (1.0, 0.5)
+  state = trainer.create_state(config)
+  path = str(tmp_path / 'tta.bin')
+  export.save(path, *export.export_model(
+      config, {'params': state.params, 'batch_stats': state.batch_stats}, image_size=(32, 32)))
+  model = export.load(path)
+  assert model.header['inputs'][0]['shape'] == ['b', 32, 32, 3]
+  images = np.random.RandomState(1).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+  mean, std = np.float32(config.dataset.mean), np.float32(config.dataset.std)
+  expected = np.asarray(steps.predict_probs(state, (images - mean) / std, scales=(1.0, 0.5),
+                                            flip=True))
+  out = model(images)
+  assert set(out) == {'probs', 'labels'}
+  np.testing.assert_allclose(np.asarray(out['probs']), expected, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(out['probs']).sum(-1), 1.0, atol=1e-5)
