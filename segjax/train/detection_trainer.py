@@ -212,9 +212,7 @@ def iou_types(config) -> tuple[str, ...]:
 
 def build_ground_truth(config):
   c = config.dataset
-  source = sources.load_data_source(c.name, c.eval_split, c.data_dir)
-  return coco_eval.ground_truth_from_source((source[i] for i in range(len(source))),
-                                            c.num_classes)
+  return coco_eval.ground_truth_for_split(c.name, c.eval_split, c.data_dir, c.num_classes)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
