@@ -274,10 +274,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
-  variables, step = restore_variables(_WORKDIR.value, _STEP.value)
-  image_size = None
-  if _IMAGE_SIZE.value:
-    image_size = _parse_pair(_IMAGE_SIZE.value)
+  try:
+    image_size = _parse_pair(_IMAGE_SIZE.value) if _IMAGE_SIZE.value else None
+    variables, step = restore_variables(_WORKDIR.value, _STEP.value)
+  except (FileNotFoundError, ValueError) as error:  # a user's bad flag: one line, no trace
+    raise SystemExit(f'error: {error}') from error
   platforms = tuple(p.strip() for p in _PLATFORMS.value.split(',')) if _PLATFORMS.value else None
   header, serialized, weights = export_model(config, variables, image_size=image_size,
                                              batch_size=_BATCH_SIZE.value, platforms=platforms)

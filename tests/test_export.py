@@ -138,6 +138,7 @@ def test_export_cli_names_a_missing_checkpoint(tmp_path, data_dir):
                           capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode != 0
   assert 'has no checkpoints/ directory' in result.stderr
+  assert 'Traceback' not in result.stderr
 
 
 # Tiny Mask R-CNN (tests/test_detection_trainer.py's), all detections kept (score 0).
