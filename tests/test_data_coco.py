@@ -189,6 +189,8 @@ def test_ground_truth_against_itself_is_ap_1(built, tmp_path):
                                                coco.NUM_CLASSES)
   # The original json's annotations (areas, polygons), renumbered to label + 1.
   assert len(from_json.getAnnIds()) == 4 and len(from_json.getImgIds()) == 3
+  first = from_json.loadAnns(from_json.getAnnIds(imgIds=[201]))[0]
+  assert first['segmentation'] == _rect(1, 1, 30, 16)  # the json's polygon, not an RLE
   assert sorted(from_json.getCatIds())[-1] == 80
   assert from_json.loadAnns(from_json.getAnnIds(imgIds=[202]))[0]['category_id'] == \
       coco.CATEGORY_IDS.index(44) + 1
