@@ -7,7 +7,7 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from segjax.data import build, instance_pipeline, manual_files, sources, voc
+from segjax.data import build, instance_pipeline, manual_files, pipeline, sources, voc
 
 H, W = 32, 48
 # Image index -> (class of object 1, class of object 2) in the VOC PNGs.
@@ -150,6 +150,18 @@ def test_train_aug_prefers_voc_labels_and_reads_sbd(built):
 
 def test_feeds_both_pipelines(built):
   _, data_dir = built
+  config = pipeline.default_dataset_config()
+  config.name, config.data_dir, config.eval_split = 'voc_segmentation', data_dir, 'validation'
+  config.num_classes, config.eval_pad_size = 21, (H, W + 16)
+  batch = next(iter(pipeline.create_eval_loader(config, global_batch_size=2, process_index=0,
+                                                process_count=1)))
+  by_id = {int(r['image_id']): r for r in _records('voc_segmentation', 'validation',
+                                                   data_dir).values()}
+  expected = sorted(np.unique(r['segmentation']).tolist() for r in by_id.values())
+  got = sorted(np.unique(label[valid]).tolist() for label, valid in zip(batch['label'],
+                                                                        batch['valid']))
+  assert got == expected  # class ids and 255 reach the semantic batch unchanged
+  assert (batch['label'][:, :, W:] == 255).all() and not batch['valid'][:, :, W:].any()
   source = sources.load_data_source('voc_segmentation', 'train', data_dir)
   out = instance_pipeline.DecodeInstances().map(source[0])
   assert out['masks'].shape == (2, H, W) and out['boxes'].shape == (2, 4)
