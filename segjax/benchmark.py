@@ -45,7 +45,10 @@ _WORKLOAD = flags.DEFINE_enum('workload', 'model', ['model', 'roi_align', 'pipel
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'infer'], 'Train step or inference.')
 _BATCH = flags.DEFINE_integer('batch_size', None, 'Images per step (default: the config\'s).')
 _SIZE = flags.DEFINE_string('image_size', None, 'H,W (default: the config\'s crop/pad size).')
-_COMPARE = flags.DEFINE_enum('compare', 'none', ['none', 'torchvision'], 'Reference to run A/B.')
+_COMPARE = flags.DEFINE_enum('compare', 'none', ['none', 'torchvision', 'xla_conv_grad'],
+                             'Reference to run A/B: torchvision\'s equivalent model, or segjax '
+                             'itself with XLA\'s conv filter gradient (to measure '
+                             '--conv_weight_grad).')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps (pairs with --compare); at least 5.')
 _WARMUP = flags.DEFINE_integer('warmup', 1, 'Untimed steps per side before timing.')
 _INSTANCES = flags.DEFINE_integer('num_instances', 4, 'Ground-truth objects per image (detectors).')
@@ -93,11 +96,18 @@ def compare(ours, theirs, *, steps: int, warmup: int, matmul_peak: bool = True,
   if steps < 1:
     raise ValueError(f'steps={steps} must be >= 1')
   warm_ours = measure.warm_up(ours, warmup)
+  log(f'{ours.name}: warm-up done ({warm_ours["first_step_s"]:.1f} s)', flush=True)
   warm_theirs = measure.warm_up(theirs, warmup) if theirs is not None else None
   # The warm-up may already have compiled everything; count from here on.
   after_warmup = measure.compile_monitor().snapshot()[0]
   peak = measure.matmul_peak_gflops() if matmul_peak else None
-  timing = measure.alternate(ours, theirs, steps)
+  def on_pair(i, a, b):
+    line = f'step {i}: {ours.name} {a * 1e3:.1f} ms'
+    if b is not None:
+      line += f', {theirs.name} {b * 1e3:.1f} ms, ratio {b / a:.2f}'
+    log(line, flush=True)
+
+  timing = measure.alternate(ours, theirs, steps, on_pair)
   report: dict[str, Any] = {
       'steps': steps, 'matmul_peak_gflop_per_s': peak,
       'compiles_during_timing': timing['compiles_during_timing'],
@@ -111,10 +121,6 @@ def compare(ours, theirs, *, steps: int, warmup: int, matmul_peak: bool = True,
     report.update(reference_times_s=timing['times_b'], pair_ratios=timing['pair_ratios'],
                   ratio_median=timing['ratio_median'], ratio_min=timing['ratio_min'],
                   ratio_max=timing['ratio_max'])
-    for i, (a, b, r) in enumerate(zip(timing['times_a'], timing['times_b'],
-                                      timing['pair_ratios'])):
-      log(f'pair {i}: {ours.name} {a * 1e3:.1f} ms, {theirs.name} {b * 1e3:.1f} ms, '
-          f'ratio {r:.2f}')
   return report
 
 
@@ -135,11 +141,30 @@ def run_model(config, *, mode: str, batch_size: int | None = None,
   theirs = None
   if reference == 'torchvision':
     theirs = torchvision_workloads.workload(config, mode, batch)
+  elif reference == 'xla_conv_grad':
+    theirs = _with_conv_grad(
+        lambda: segjax_workloads.workload(config, mode, batch, name='segjax_xla_conv_grad'),
+        'xla')
   report = compare(ours, theirs, steps=steps, warmup=warmup, matmul_peak=matmul_peak, log=log)
   report.update(model=config.model.name, backbone=config.model.get('backbone'),
                 dtype=config.model.get('dtype'), mode=mode, batch_size=batch_size,
                 image_size=list(image_size))
   return report
+
+
+def _with_conv_grad(build, impl: str):
+  """`build()`'s Workload with every trace (build and steps) under conv_weight_grad(impl)."""
+  from segjax.models import layers
+  with layers.conv_weight_grad(impl):
+    workload = build()
+  step = workload.step
+
+  def step_under_impl():
+    with layers.conv_weight_grad(impl):
+      return step()
+  workload.step = step_under_impl
+  workload.info['conv_weight_grad'] = impl
+  return workload
 
 
 def memory_side(config, side: str, *, mode: str, batch_size: int | None,
@@ -204,9 +229,9 @@ def _print_summary(report: dict[str, Any]) -> None:
           f"{flops / 1e9 if flops else float('nan'):.1f} | {r.get('gflop_per_s', float('nan')):.1f} | "
           f"{r.get('mfu', float('nan')):.2f} |")
   if 'ratio_median' in report:
-    print(f"\nspeed ratio torchvision/segjax time, median of {report['steps']} pairs: "
+    print(f"\nspeed ratio: {names[-1]} time / {names[0]} time, median of {report['steps']} pairs: "
           f"{report['ratio_median']:.2f} (min {report['ratio_min']:.2f}, max "
-          f"{report['ratio_max']:.2f}); > 1 means segjax is faster")
+          f"{report['ratio_max']:.2f}); > 1 means {names[0]} is faster")
   print(f"matmul peak {report.get('matmul_peak_gflop_per_s') or float('nan'):.0f} GFLOP/s; "
         f"XLA compilations during timed steps: {report['compiles_during_timing']}; "
         f"load average {report['load_average']:.1f}")

@@ -41,7 +41,7 @@ def tiny_infer():
 def test_train_step_compiles_once_and_reports_flops(tiny_infer):
   report = benchmark.run_model(tiny_fcn_config(), mode='train', batch_size=1,
                                image_size=(32, 32), steps=5, matmul_peak=False,
-                               log=lambda *_: None)
+                               log=lambda *_, **__: None)
   side = report['segjax']
   # Warm-up compiled the step; the 5 timed steps (state donated and fed back) did not.
   assert side['jit_cache_size'] == 1
@@ -68,7 +68,7 @@ def test_ratios_are_pairwise_from_the_same_run(tiny_infer):
 
   theirs = measure.Workload(name='reference', step=reference_step, images_per_step=1)
   report = benchmark.compare(ours, theirs, steps=5, warmup=1, matmul_peak=False,
-                             log=lambda *_: None)
+                             log=lambda *_, **__: None)
   assert len(calls) == 1 + 5
   ratios = [b / a for a, b in zip(report['segjax_times_s'], report['reference_times_s'])]
   np.testing.assert_allclose(report['pair_ratios'], ratios)

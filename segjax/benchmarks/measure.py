@@ -109,7 +109,9 @@ def summary(times: Sequence[float]) -> dict[str, float]:
           'n': len(times)}
 
 
-def alternate(a: Workload, b: Workload | None, pairs: int) -> dict[str, Any]:
+def alternate(a: Workload, b: Workload | None, pairs: int,
+              on_pair: Callable[[int, float, float | None], None] | None = None
+              ) -> dict[str, Any]:
   """Times `pairs` steps of `a` and of `b` in alternation (a, b, a, b, ...).
 
   Returns per-side time summaries, the backend compilations that happened during the
@@ -119,10 +121,12 @@ def alternate(a: Workload, b: Workload | None, pairs: int) -> dict[str, Any]:
   monitor = compile_monitor()
   compiles_before, _ = monitor.snapshot()
   times_a, times_b = [], []
-  for _ in range(pairs):
+  for i in range(pairs):
     times_a.append(time_step(a))
     if b is not None:
       times_b.append(time_step(b))
+    if on_pair is not None:
+      on_pair(i, times_a[-1], times_b[-1] if b is not None else None)
   compiles_after, _ = monitor.snapshot()
   result: dict[str, Any] = {'a': summary(times_a), 'times_a': times_a,
                             'compiles_during_timing': compiles_after - compiles_before}

@@ -44,7 +44,8 @@ def equivalent(config: ml_collections.ConfigDict) -> str:
   else:
     raise ValueError(f'model.name={m.name!r} has no torchvision equivalent in the benchmark; '
                      f'choose one of {sorted({**SEMANTIC, **INSTANCE})}')
-  wrong = {k: v for k, v in wanted.items() if (tuple(m[k]) if isinstance(v, tuple) else m[k]) != v}
+  wrong = {k: v for k, v in wanted.items()
+           if (tuple(m.get(k, v)) if isinstance(v, tuple) else m.get(k, v)) != v}
   if wrong:
     flags = ' '.join(f'--config.model.{k}={v!r}' for k, v in wrong.items())
     raise ValueError(f'{m.name} with {", ".join(f"{k}={m[k]!r}" for k in wrong)} is not '

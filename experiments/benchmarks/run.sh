@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Every row of experiments/benchmarks/README.md; raw JSON goes to results/.
+# CPU, 2 cores, torch.set_num_threads(2). Several hours on a loaded machine.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+R=experiments/benchmarks/results
+B="python -m segjax.benchmark"
+SEG="--batch_size=2 --image_size=320,320 --compare=torchvision --steps=5"
+DEEPLAB="--config=configs/deeplab_v3.py:voc --config.model.backbone=resnet50 --config.model.output_stride=8"
+FCN="--config=configs/fcn_resnet50.py:voc"
+MRCNN="--config=configs/mask_rcnn_r50_fpn.py:coco --config.model.freeze_bn=False --config.model.box_score_thresh=0.0 --batch_size=1 --image_size=512,512 --compare=torchvision --steps=5"
+
+$B $FCN --mode=infer $SEG --json=$R/fcn_resnet50_infer.json
+$B $FCN --mode=train $SEG --json=$R/fcn_resnet50_train.json
+$B $DEEPLAB --mode=infer $SEG --json=$R/deeplabv3_infer.json
+$B $DEEPLAB --mode=train $SEG --json=$R/deeplabv3_train.json
+$B $MRCNN --mode=infer --json=$R/maskrcnn_infer.json
+$B $MRCNN --mode=train --json=$R/maskrcnn_train.json
+$B --workload=roi_align --compare=torchvision --steps=7 --json=$R/roi_align.json
+$B $DEEPLAB --mode=infer --batch_size=2 --image_size=320,320 --steps=5 --memory --json=$R/deeplabv3_infer_memory.json
+$B --workload=pipeline --config=configs/fcn8s.py --batch_size=2 --image_size=320,320 --steps=20 --json=$R/pipeline_320.json
+$B --workload=pipeline --config=configs/fcn8s.py --steps=20 --json=$R/pipeline_digit_scenes.json
+# The conv filter-gradient lever: segjax against itself with XLA's gradient, A/B.
+$B $DEEPLAB --mode=train --batch_size=2 --image_size=320,320 --steps=5 --conv_weight_grad=taps_1x1 --compare=xla_conv_grad --json=$R/deeplabv3_train_taps_1x1.json
+$B $DEEPLAB --mode=train --batch_size=2 --image_size=320,320 --steps=5 --conv_weight_grad=taps --compare=xla_conv_grad --json=$R/deeplabv3_train_taps.json
+python -m segjax.benchmarks.conv_grad_bench > $R/conv_grad_bench.md
+# bf16 on CPU
+$B $DEEPLAB --config.model.dtype=bfloat16 --mode=train $SEG --json=$R/deeplabv3_train_bf16.json
