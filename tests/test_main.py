@@ -4,6 +4,7 @@ train + eval + checkpoint, and kill -9 then rerun resuming to identical paramete
 import importlib.util
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,13 +85,13 @@ _STEPS = 40
 
 @pytest.fixture(scope='module')
 def reference_run(tmp_path_factory, data_dir):
-  """An uninterrupted 40-step run: (its overrides, its final state arrays)."""
+  """An uninterrupted 40-step run: (its overrides, its final state arrays, its workdir)."""
   overrides = _tiny_overrides(data_dir, _STEPS, 4, _STEPS)
   reference = tmp_path_factory.mktemp('reference')
   result = subprocess.run(_command(reference, overrides), capture_output=True, text=True,
                           timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-4000:]
-  return overrides, checkpoints.state_arrays(_final_state(str(reference)))
+  return overrides, checkpoints.state_arrays(_final_state(str(reference))), reference
 
 
 def _assert_same_arrays(expected, actual):
@@ -110,7 +111,7 @@ def _wait_for(predicate, process, timeout=300):
 
 def test_kill_and_rerun_resumes_to_identical_parameters(tmp_path, reference_run):
   steps = _STEPS
-  overrides, expected = reference_run
+  overrides, expected, _ = reference_run
 
   interrupted = tmp_path / 'interrupted'
   process = subprocess.Popen(_command(interrupted, overrides), stdout=subprocess.DEVNULL,
@@ -138,7 +139,7 @@ def test_kill_and_rerun_resumes_to_identical_parameters(tmp_path, reference_run)
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_the_current_step_exits_and_rerun_finishes_identically(
     tmp_path, reference_run, signum):
-  overrides, expected = reference_run
+  overrides, expected, _ = reference_run
   workdir = tmp_path / 'preempted'
   process = subprocess.Popen(_command(workdir, overrides), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
@@ -174,3 +175,87 @@ def test_bad_workdir_fails_first_naming_it(tmp_path, kind):
   expected = 'is a file, not a directory' if kind == 'file' else 'cannot be created'
   assert f"--workdir='{workdir}' {expected}" in result.stderr, result.stderr[-2000:]
   assert 'Traceback' not in result.stderr
+
+
+def _copy_without(reference, workdir, *steps):
+  """`reference` copied to `workdir` minus the checkpoints of `steps` (as if it had been
+  killed before saving them)."""
+  shutil.copytree(reference, workdir)
+  for step in steps:
+    shutil.rmtree(workdir / 'checkpoints' / str(step))
+
+
+def test_corrupted_latest_checkpoint_is_skipped_and_rerun_finishes_identically(
+    tmp_path, reference_run):
+  overrides, expected, reference = reference_run
+  workdir = tmp_path / 'corrupted'
+  shutil.copytree(reference, workdir)
+  latest = workdir / 'checkpoints' / str(_STEPS)
+  for array_file in (latest / 'state' / 'd').iterdir():
+    with open(array_file, 'r+b') as f:
+      f.truncate(array_file.stat().st_size // 2)
+  resumed = subprocess.run(_command(workdir, overrides), capture_output=True, text=True,
+                           timeout=600, check=False)
+  assert resumed.returncode == 0, resumed.stderr[-4000:]
+  assert f'checkpoint step {_STEPS} in ' in resumed.stderr and 'cannot be read' in resumed.stderr
+  assert f'at step {_STEPS - 4}.' in resumed.stderr
+  assert (workdir / 'checkpoints_corrupt' / str(_STEPS)).is_dir()
+  _assert_same_arrays(expected, checkpoints.state_arrays(_final_state(str(workdir))))
+
+
+def _assert_close_arrays(expected, actual, rtol, atol):
+  leaves = jax.tree_util.tree_leaves
+  for a, b in zip(leaves(expected), leaves(actual), strict=True):
+    np.testing.assert_allclose(np.asarray(b, np.float64), np.asarray(a, np.float64),
+                               rtol=rtol, atol=atol)
+
+
+def test_checkpoint_resumes_on_another_device_count(tmp_path, reference_run):
+  """Saved on 1 device, resumed on 4 (pmap); saved on 8 (pmap), resumed on 1 (jit).
+
+  Different device counts sum the batch in a different order, so the runs agree to
+  float rounding, not bit for bit."""
+  overrides, expected, reference = reference_run
+  four = tmp_path / 'four'
+  _copy_without(reference, four, _STEPS)
+  env4 = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  resumed = subprocess.run(_command(four, overrides + ['--config.parallel=pmap']), env=env4,
+                           capture_output=True, text=True, timeout=600, check=False)
+  assert resumed.returncode == 0, resumed.stderr[-4000:]
+  assert f'at step {_STEPS - 4}. 4 device(s), parallel=pmap.' in resumed.stderr
+  actual = checkpoints.state_arrays(_final_state(str(four)))
+  assert int(actual['step']) == _STEPS
+  _assert_close_arrays(expected['params'], actual['params'], rtol=1e-4, atol=1e-5)
+
+  eight = tmp_path / 'eight'
+  env8 = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  process = subprocess.Popen(_command(eight, overrides + ['--config.parallel=pmap',
+                                                          '--config.batch_size=8',
+                                                          '--config.eval_batch_size=8']),
+                             env=env8, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  metrics = eight / 'metrics.jsonl'
+  assert _wait_for(lambda: metrics.exists() and metrics.read_text().strip(), process)
+  process.send_signal(signal.SIGTERM)
+  process.communicate(timeout=300)
+  stopped = checkpoints.Checkpointer(str(eight / 'checkpoints')).latest_step()
+  assert process.returncode == 128 + signal.SIGTERM and 2 <= stopped < _STEPS
+  resumed = subprocess.run(_command(eight, overrides + ['--config.batch_size=8',
+                                                       '--config.eval_batch_size=8']),
+                           capture_output=True, text=True, timeout=600, check=False)
+  assert resumed.returncode == 0, resumed.stderr[-4000:]
+  assert f'at step {stopped}. 1 device(s), parallel=jit.' in resumed.stderr
+  assert int(checkpoints.state_arrays(_final_state(str(eight)))['step']) == _STEPS
+
+
+def test_host_memory_is_flat_over_a_long_run(tmp_path, data_dir):
+  """RSS after 200 steps (with evaluations and checkpoints on the way) stays within a
+  small margin of RSS after 20: nothing grows per step."""
+  overrides = _tiny_overrides(data_dir, 200, 50, 100) + ['--config.log_every_steps=20']
+  result = subprocess.run(_command(tmp_path / 'long', overrides), capture_output=True,
+                          text=True, timeout=900, check=False)
+  assert result.returncode == 0, result.stderr[-4000:]
+  rss = {r['step']: r['host_rss_mib']
+         for r in metric_writer.read_metrics(str(tmp_path / 'long'), 'train')}
+  assert sorted(rss) == list(range(20, 201, 20))
+  print('host RSS (MiB) by step:', {k: round(v) for k, v in rss.items()})
+  assert rss[200] - rss[20] < max(32.0, 0.05 * rss[20]), rss

@@ -35,6 +35,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import psutil
 from absl import logging
 
 from segjax.train import checkpoints, metric_writer
@@ -130,7 +131,8 @@ def start_or_resume(config, workdir: str, state: TrainState, train_iter,
   if restored is not None:
     state, data_state = restored
     train_iter.set_state(data_state)
-    logging.info('Resumed from %s at step %d.', checkpointer.directory, int(state.step))
+    logging.info('Resumed from %s at step %d. %d device(s), parallel=%s.',
+                 checkpointer.directory, int(state.step), num_devices, config.parallel)
     if writer.enabled:
       drop_records_after(writer.path, int(state.step))
     return state
@@ -253,8 +255,10 @@ def _train(config, stop: list[int], *, driver, device_state, step: int, train_it
       images_per_second = steps_per_second * config.batch_size
       metric_writer.log_train(step, config.num_train_steps, mean_metrics, steps_per_second,
                               images_per_second)
+      # Host memory in the record, so a leak per step shows in metrics.jsonl.
       writer.write(step, 'train', {**mean_metrics, 'steps_per_second': steps_per_second,
-                                   'images_per_second': images_per_second})
+                                   'images_per_second': images_per_second,
+                                   'host_rss_mib': psutil.Process().memory_info().rss / 2**20})
     eval_metrics = None
     if step % config.eval_every_steps == 0 or is_last:
       start = time.perf_counter()
