@@ -58,11 +58,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ['MAGIC', 'export_model', 'inference_function', 'load', 'load_parts', 'restore_variables',
-           'save']
+__all__ = ['DETECTION_OUTPUTS', 'MAGIC', 'export_model', 'inference_function', 'load',
+           'load_parts', 'restore_variables', 'save']
 
 MAGIC = b'SEGJAXEX'
 FORMAT_VERSION = 1
+# The detectors' exported outputs: the padded detections (what COCO evaluation reads).
+DETECTION_OUTPUTS = ('boxes', 'scores', 'labels', 'valid', 'mask_probs', 'mask_scores')
 
 
 # ----------------------------------------------------------------------------- loading
@@ -142,7 +144,7 @@ def inference_function(config, model=None) -> Callable[..., dict[str, jax.Array]
                 & (jnp.arange(width)[None, None, :] < image_sizes[:, 1, None, None]))
       x = jnp.where(inside[..., None], (images - mean) / std, 0.0)
       out = model.apply(variables, x, train=False, image_sizes=image_sizes)
-      return {k: v for k, v in out.items() if k in detection_trainer._EVAL_OUTPUTS}  # pylint: disable=protected-access
+      return {k: v for k, v in out.items() if k in DETECTION_OUTPUTS}
     return detect
 
   from segjax.models import build_model  # pylint: disable=g-import-not-at-top
