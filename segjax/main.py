@@ -8,14 +8,17 @@ Rerun the same command in the same workdir to resume. SIGTERM or Ctrl-C saves a
 checkpoint of the current step first and exits with status 128 + signal number.
 """
 
+import importlib.util
 import logging as std_logging
 import os
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from segjax.train import detection_trainer, loop, trainer
+from segjax import config_validation
+from segjax.train import checkpoints, detection_trainer, loop, trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:preset]).',
                                           lock_config=True)
@@ -45,10 +48,56 @@ def _check_workdir(workdir: str) -> None:
     raise SystemExit(f'error: --workdir={workdir!r} is not writable')
 
 
+def _unknown_field(argv: list[str]) -> str | None:
+  """The first `--config.a.b=...` override naming a field the config lacks, described
+  with the fields that do exist there; None if every override names a real field."""
+  spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if spec is None:
+    return None
+  path, _, preset = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('segjax_user_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(preset or None)
+  for arg in argv:
+    if not arg.startswith('--config.'):
+      continue
+    names = arg[len('--config.'):].split('=', 1)[0].split('.')
+    node, where = config, 'config'
+    for name in names:
+      if not hasattr(node, 'keys') or name not in node:
+        fields = sorted(node.keys()) if hasattr(node, 'keys') else []
+        return (f'{arg.split("=", 1)[0]}: {where} has no field {name!r}; its fields are '
+                f'{fields}')
+      node, where = node[name], f'{where}.{name}'
+  return None
+
+
+def _parse_flags(argv: list[str]):
+  """absl's parser, with one line instead of a traceback for an unknown config field."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError):
+    problem = _unknown_field(argv)
+    if problem is None:
+      raise
+    raise SystemExit(f'error: {problem}') from None
+
+
+def _check_config(config) -> None:
+  """Every config error, including a batch the devices cannot split, as one line."""
+  try:
+    config_validation.validate_config(config)
+    config_validation.validate_batch_split(config, jax.device_count())
+  except ValueError as error:
+    raise SystemExit(f'error: {error}') from None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   _check_workdir(_WORKDIR.value)
+  _check_config(_CONFIG.value)
   logging.set_verbosity(logging.INFO)
   if not _LIBRARY_LOGS.value:
     logging.get_absl_handler().addFilter(_OnlySegjaxInfo())
@@ -61,7 +110,8 @@ def main(argv):
   except loop.Interrupted as stopped:
     logging.error('%s', stopped)
     sys.exit(128 + stopped.signum)
-  except loop.NonFiniteLoss as error:
+  except (loop.NonFiniteLoss, checkpoints.CheckpointMismatch,
+          checkpoints.NoReadableCheckpoint) as error:
     logging.error('%s', error)
     sys.exit(1)
   logging.info('final eval: miou=%.4f pixel_accuracy=%.4f', metrics['miou'],
@@ -69,4 +119,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
