@@ -45,15 +45,16 @@ def _median_seconds(fn, repeats: int) -> float:
   return statistics.median(times)
 
 
-def measure_shape(batch, height, width, cin, cout, k, stride, dilation, repeats=5):
+def measure_shape(batch, height, width, cin, cout, k, stride, dilation, repeats=5,
+                  dtype=jnp.float32):
   key_x, key_w, key_g = jax.random.split(jax.random.PRNGKey(0), 3)
-  x = jax.random.normal(key_x, (batch, height, width, cin))
-  w = jax.random.normal(key_w, (k, k, cin, cout)) * 0.05
+  x = jax.random.normal(key_x, (batch, height, width, cin)).astype(dtype)
+  w = (jax.random.normal(key_w, (k, k, cin, cout)) * 0.05).astype(dtype)
   strides, dil = (stride, stride), (dilation, dilation)
   padding = layers.torch_padding(k, dilation)
   conv = lambda x_, w_: layers._conv_nhwc(x_, w_, strides, padding, dil)  # noqa: E731
   y = conv(x, w)
-  dy = jax.random.normal(key_g, y.shape)
+  dy = jax.random.normal(key_g, y.shape).astype(dtype)
   flops = 2.0 * y.shape[0] * y.shape[1] * y.shape[2] * k * k * cin * cout
   forward = jax.jit(conv)
   input_grad = jax.jit(lambda x_, w_, g: jax.vjp(lambda a: conv(a, w_), x_)[1](g)[0])
@@ -71,13 +72,17 @@ def measure_shape(batch, height, width, cin, cout, k, stride, dilation, repeats=
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+  parser.add_argument('--shapes', type=int, default=len(SHAPES), help='first N shapes only')
   args = parser.parse_args()
+  dtype = jnp.dtype(args.dtype)
+  print(f'dtype {args.dtype}')
   print(f'matmul peak (2048^2 f32): {matmul_peak_gflops():.0f} GFLOP/s\n')
   print('| conv (NHWC, HWIO) | forward | input grad | filter grad xla | filter grad taps | '
         'taps / xla |')
   print('|---|---|---|---|---|---|')
-  for name, *shape in SHAPES:
-    r = measure_shape(*shape, repeats=args.repeats)
+  for name, *shape in SHAPES[:args.shapes]:
+    r = measure_shape(*shape, repeats=args.repeats, dtype=dtype)
     print(f"| {name} | {r['forward']:.0f} | {r['input_grad']:.0f} | "
           f"{r['filter_grad_xla']:.0f} | {r['filter_grad_taps']:.0f} | "
           f"{r['filter_grad_taps'] / r['filter_grad_xla']:.2f}x |", flush=True)
