@@ -6,6 +6,11 @@
 
 Rerun the same command in the same workdir to resume. SIGTERM or Ctrl-C saves a
 checkpoint of the current step first and exits with status 128 + signal number.
+
+Several processes (one per host; README "Multi-host"): the same command on each,
+plus `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`, or
+`--distributed=auto` where `jax.distributed.initialize()` finds the cluster itself
+(Cloud TPU pod slices, SLURM). `--workdir` must be one directory all of them see.
 """
 
 import importlib.util
@@ -17,6 +22,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from segjax import distributed
 from segjax import config_validation
 from segjax.train import checkpoints, detection_trainer, loop, trainer
 
@@ -25,6 +31,15 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:pr
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
 _LIBRARY_LOGS = flags.DEFINE_bool(
     'library_logs', False, "Show other libraries' INFO logs (Orbax logs every save step).")
+_DISTRIBUTED = flags.DEFINE_enum(
+    'distributed', None, distributed.MODES,
+    "Multi-process runtime: 'manual' (the three flags below), 'auto' (Cloud TPU, SLURM: "
+    "jax.distributed.initialize() detects the cluster) or 'off'. Default: 'manual' if "
+    "--coordinator_address is given, else 'off'.")
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'HOST:PORT of process 0, the same for every process.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes in the run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, "This process's id, 0..num_processes-1.")
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -97,6 +112,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   _check_workdir(_WORKDIR.value)
+  # Before anything asks JAX for its devices: afterwards they are every process's.
+  mode = _DISTRIBUTED.value or ('manual' if _COORDINATOR.value else 'off')
+  try:
+    distributed.initialize(mode, coordinator_address=_COORDINATOR.value,
+                           num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  except ValueError as error:
+    raise app.UsageError(str(error)) from error
   _check_config(_CONFIG.value)
   logging.set_verbosity(logging.INFO)
   if not _LIBRARY_LOGS.value:

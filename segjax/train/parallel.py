@@ -5,6 +5,13 @@ and give the same numbers: under `pmap` every device holds a replica and steps
 reduce with explicit collectives over `PMAP_AXIS` (BatchNorm statistics too);
 under `jit` the batch is one global array sharded over the mesh's 'data' axis
 and XLA inserts the collectives (global-batch semantics).
+
+With several JAX processes (`segjax.distributed`) each process passes only its own
+examples. `pmap` maps over this process's devices and its collectives span every
+process's devices; `jit` builds the Mesh over all devices of all processes and
+assembles the global batch from the processes' slices
+(`jax.make_array_from_process_local_data`). The state stays fully replicated, so
+`get_state` reads this process's copy: no cross-process transfer.
 """
 
 from __future__ import annotations
