@@ -21,7 +21,9 @@ exactly once across all processes (contiguous blocks, one per process).
 Determinism and resume. Train order comes from grain's `IndexSampler` (global shuffle
 per epoch from `seed`), and each example's random augmentation from a generator grain
 keys on (seed, global index), so a loader's output depends only on the seed and
-process_index/process_count, not on num_workers or prefetching.
+process_index/process_count, not on num_workers or prefetching. With several
+processes each global batch is the single-process one, cut into per-process
+slices (`GlobalBatchSlice`).
 `it = iter(loader); state = it.get_state()` returns `bytes` (UTF-8 JSON, e.g.
 `state.decode()` is a JSON string); `iter(loader).set_state(state)` continues with
 exactly the batches the saved iterator would have produced. For Orbax, store
@@ -171,6 +173,10 @@ def create_train_loader(
       num_epochs=None,
       seed=int(seed),
   )
+  if process_count > 1:
+    sampler = GlobalBatchSlice(len(source), int(seed), global_batch_size,
+                               process_index, process_count)
+    shard_options = grain.sharding.NoSharding()
   ops = [
       transforms.DecodeExample(
           c.image_key, c.label_key, c.num_classes, c.ignore_label
@@ -200,6 +206,38 @@ def _data_loader(c, source, sampler, ops, shard_options) -> grain.DataLoader:
       shard_options=shard_options,
       read_options=_read_options(c),
   )
+
+
+class GlobalBatchSlice:
+  """The one-process train order, each global batch cut into per-process slices.
+
+  Process p's local example k is global example g = (k // b) * B + p * b + k % b
+  (b per-process, B global batch size) of the unsharded shuffled sampler, with that
+  example's augmentation generator: together the processes' batches are exactly
+  the single-process global batches, so N processes train on the same data, in
+  the same order, as one process with the same global batch size.
+  """
+
+  def __init__(self, num_records: int, seed: int, global_batch_size: int,
+               process_index: int, process_count: int):
+    self._global = grain.samplers.IndexSampler(
+        num_records=num_records, shard_options=grain.sharding.NoSharding(), shuffle=True,
+        num_epochs=None, seed=seed)
+    self._batch = global_batch_size // process_count
+    self._global_batch = global_batch_size
+    self._offset = process_index * self._batch
+
+  def __getitem__(self, index: int) -> grain.RecordMetadata:
+    position = (index // self._batch) * self._global_batch + self._offset + index % self._batch
+    metadata = self._global[position]
+    return grain.RecordMetadata(index=index, record_key=metadata.record_key, rng=metadata.rng)
+
+  def __repr__(self) -> str:
+    # Without the process's offset: every process stands at the same local index, so
+    # the one iterator state a checkpoint holds (Orbax writes process 0's) restores
+    # every process, and grain validates a restored state against this repr.
+    return (f'GlobalBatchSlice({self._global!r}, per_process_batch={self._batch}, '
+            f'global_batch={self._global_batch})')
 
 
 class PaddedDataSource:
