@@ -12,6 +12,9 @@ finishes, a checkpoint of it is written (and waited for), and `Interrupted` is
 raised; `segjax.main` turns it into exit status 128 + signal number with a line
 saying how to resume. A second signal of the same kind, or `kill -9`, stops the
 process at once; rerunning resumes from the latest complete checkpoint.
+With several JAX processes the signal may reach one host only: after every step
+the processes share their flags (`multihost_utils.process_allgather`), so all of
+them save the same step and stop.
 
 Non-finite loss or gradients (`config.nonfinite`): the step never applies such an
 update (`TrainState.apply_gradients_if_finite`), so no NaN reaches the state or a
@@ -37,6 +40,7 @@ import jax
 import numpy as np
 import psutil
 from absl import logging
+from jax.experimental import multihost_utils
 
 from segjax.train import checkpoints, metric_writer
 from segjax.train.state import TrainState
@@ -110,6 +114,14 @@ def _stop_requests():
       signal.signal(signum, old)
 
 
+def _agreed_stop(stop: list[int]) -> list[int]:
+  """The signals received by any process (every process gets the same list)."""
+  if jax.process_count() == 1:
+    return stop
+  signums = multihost_utils.process_allgather(np.int32(stop[0] if stop else 0))
+  return [int(signum) for signum in np.ravel(signums) if signum]
+
+
 def drop_records_after(path: str, step: int) -> None:
   """On resume, forget metrics logged after the checkpoint, which will be recomputed."""
   if not os.path.exists(path):
@@ -140,8 +152,9 @@ def start_or_resume(config, workdir: str, state: TrainState, train_iter,
   logging.info('Starting %s/%s from scratch: %d parameters, %d device(s), parallel=%s.',
                config.model.name, config.model.backbone, num_params, num_devices,
                config.parallel)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
   return state
 
 
@@ -266,13 +279,15 @@ def _train(config, stop: list[int], *, driver, device_state, step: int, train_it
       logging.info('eval at step %d (%.1fs): %s', step, time.perf_counter() - start,
                    summarize(eval_metrics))
       writer.write(step, 'eval', eval_metrics)
-    if step % config.checkpoint_every_steps == 0 or is_last or eval_metrics is not None or stop:
+    stopping = _agreed_stop(stop)
+    if (step % config.checkpoint_every_steps == 0 or is_last or eval_metrics is not None
+        or stopping):
       check_finite(pending)
       checkpointer.save(driver.get_state(device_state), train_iter.get_state(),
                         metrics=eval_metrics)
-    if stop and step < config.num_train_steps:
+    if stopping and step < config.num_train_steps:
       checkpointer.wait()
-      raise Interrupted(stop[0], step)
+      raise Interrupted(stopping[0], step)
     if eval_metrics is not None or step % config.checkpoint_every_steps == 0:
       window_start, window_steps = time.perf_counter(), 0
 
