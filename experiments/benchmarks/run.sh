@@ -14,15 +14,20 @@ $B $FCN --mode=infer $SEG --json=$R/fcn_resnet50_infer.json
 $B $FCN --mode=train $SEG --json=$R/fcn_resnet50_train.json
 $B $DEEPLAB --mode=infer $SEG --json=$R/deeplabv3_infer.json
 $B $DEEPLAB --mode=train $SEG --json=$R/deeplabv3_train.json
+$B $DEEPLAB --mode=infer --batch_size=2 --image_size=320,320 --compare=torchvision --steps=7 --json=$R/deeplabv3_infer_rerun.json
 $B $MRCNN --mode=infer --json=$R/maskrcnn_infer.json
 $B $MRCNN --mode=train --json=$R/maskrcnn_train.json
 $B --workload=roi_align --compare=torchvision --steps=7 --json=$R/roi_align.json
-$B $DEEPLAB --mode=infer --batch_size=2 --image_size=320,320 --steps=5 --memory --json=$R/deeplabv3_infer_memory.json
+$B --workload=roi_align --roi_sampling_ratio=-1 --compare=torchvision --steps=7 --json=$R/roi_align_adaptive.json
+# Memory: each side in its own process (what --memory does after a timed run).
+$B $FCN --mode=infer --batch_size=2 --image_size=320,320 --steps=3 --memory_side=segjax
+$B $FCN --mode=infer --batch_size=2 --image_size=320,320 --steps=3 --memory_side=torchvision
 $B --workload=pipeline --config=configs/fcn8s.py --batch_size=2 --image_size=320,320 --steps=20 --json=$R/pipeline_320.json
 $B --workload=pipeline --config=configs/fcn8s.py --steps=20 --json=$R/pipeline_digit_scenes.json
 # The conv filter-gradient lever: segjax against itself with XLA's gradient, A/B.
 $B $DEEPLAB --mode=train --batch_size=2 --image_size=320,320 --steps=5 --conv_weight_grad=taps_1x1 --compare=xla_conv_grad --json=$R/deeplabv3_train_taps_1x1.json
-$B $DEEPLAB --mode=train --batch_size=2 --image_size=320,320 --steps=5 --conv_weight_grad=taps --compare=xla_conv_grad --json=$R/deeplabv3_train_taps.json
-python -m segjax.benchmarks.conv_grad_bench > $R/conv_grad_bench.md
+$B $DEEPLAB --mode=train $SEG --conv_weight_grad=taps_1x1 --json=$R/deeplabv3_train_taps_1x1_vs_torchvision.json
+$B $FCN --mode=train $SEG --conv_weight_grad=taps_1x1 --json=$R/fcn_resnet50_train_taps_1x1.json
+python -m segjax.benchmarks.conv_grad_bench
 # bf16 on CPU
-$B $DEEPLAB --config.model.dtype=bfloat16 --mode=train $SEG --json=$R/deeplabv3_train_bf16.json
+$B $FCN --config.model.dtype=bfloat16 --mode=infer $SEG --json=$R/fcn_resnet50_infer_bf16.json
