@@ -198,11 +198,11 @@ def memory_side(config, side: str, *, mode: str, batch_size: int | None,
           'peak_minus_import_with_compile_mb': with_compile / 2**20}
 
 
-def measure_memory(argv: list[str]) -> dict[str, Any]:
+def measure_memory(argv: list[str], sides=('segjax', 'torchvision')) -> dict[str, Any]:
   """Runs this command again once per side with --memory_side; their results."""
   base = [a for a in argv[1:] if not a.startswith(('--memory', '--json', '--compare'))]
   results = {}
-  for side in ('segjax', 'torchvision'):
+  for side in sides:
     cmd = [sys.executable, '-m', 'segjax.benchmark', *base, f'--memory_side={side}']
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [l for l in proc.stdout.splitlines() if l.startswith('MEMORY_JSON ')]
@@ -210,7 +210,7 @@ def measure_memory(argv: list[str]) -> dict[str, Any]:
       raise RuntimeError(f'memory run of {side} failed:\n{proc.stderr[-3000:]}')
     results[side] = json.loads(lines[-1][len('MEMORY_JSON '):])
   ours = results['segjax']['peak_minus_import_mb']
-  theirs = results['torchvision']['peak_minus_import_mb']
+  theirs = results.get('torchvision', {}).get('peak_minus_import_mb')
   if ours and theirs:
     results['ratio'] = ours / theirs  # segjax / torchvision: <= 1 is the target
   return results
@@ -275,13 +275,15 @@ def main(argv):
                          reference=_COMPARE.value, steps=_STEPS.value, warmup=_WARMUP.value,
                          num_instances=_INSTANCES.value)
       if _MEMORY.value:
-        report['memory'] = measure_memory(sys.argv)
+        report['memory'] = measure_memory(
+            sys.argv, ('segjax', 'torchvision') if _COMPARE.value == 'torchvision' else ('segjax',))
       _print_summary(report)
       if 'memory' in report:
         m = report['memory']
-        print(f"peak RSS minus import: segjax {m['segjax']['peak_minus_import_mb']:.0f} MB, "
-              f"torchvision {m['torchvision']['peak_minus_import_mb']:.0f} MB, "
-              f"ratio {m.get('ratio', float('nan')):.2f} (<= 1: segjax uses less)")
+        print('peak RSS minus import: ' + ', '.join(
+            f"{side} {m[side]['peak_minus_import_mb'] or float('nan'):.0f} MB"
+            for side in ('segjax', 'torchvision') if side in m)
+            + f", ratio {m.get('ratio', float('nan')):.2f} (<= 1: segjax uses less)")
     report['command'] = ' '.join(['python -m segjax.benchmark', *sys.argv[1:]])
     report['wall_s'] = time.time() - start
   if _JSON.value:
