@@ -24,6 +24,8 @@ $B $FCN --mode=infer --batch_size=2 --image_size=320,320 --steps=3 --memory_side
 $B $FCN --mode=infer --batch_size=2 --image_size=320,320 --steps=3 --memory_side=torchvision
 $B --workload=pipeline --config=configs/fcn8s.py --batch_size=2 --image_size=320,320 --steps=20 --json=$R/pipeline_320.json
 $B --workload=pipeline --config=configs/fcn8s.py --steps=20 --json=$R/pipeline_digit_scenes.json
+$B --workload=pipeline --config=configs/fcn8s.py --steps=30 --json=$R/pipeline_digit_scenes_rerun.json
+$B --workload=pipeline --config=configs/fcn8s.py --config.dataset.num_workers=2 --steps=30 --json=$R/pipeline_digit_scenes_workers2.json
 # The conv filter-gradient lever: segjax against itself with XLA's gradient, A/B.
 $B $DEEPLAB --mode=train --batch_size=2 --image_size=320,320 --steps=5 --conv_weight_grad=taps_1x1 --compare=xla_conv_grad --json=$R/deeplabv3_train_taps_1x1.json
 $B $DEEPLAB --mode=train $SEG --conv_weight_grad=taps_1x1 --json=$R/deeplabv3_train_taps_1x1_vs_torchvision.json
