@@ -259,3 +259,36 @@ def test_host_memory_is_flat_over_a_long_run(tmp_path, data_dir):
   assert sorted(rss) == list(range(20, 201, 20))
   print('host RSS (MiB) by step:', {k: round(v) for k, v in rss.items()})
   assert rss[200] - rss[20] < max(32.0, 0.05 * rss[20]), rss
+
+
+@pytest.mark.parametrize('override,expected', [
+    ('--config.optimizer.lr=0.1', "--config.optimizer.lr: config.optimizer has no field 'lr'; "
+                                  "its fields are ['b1', 'b2'"),
+    ('--config.model.name=fcn9s', "error: model.name='fcn9s' is not valid; choose one of"),
+    ('--config.nonfinite=ignore', "error: config.nonfinite='ignore' is not one of"),
+    ('--config.batch_size=3', 'error: config.batch_size=3 is not divisible by the 2 devices'),
+])
+def test_bad_config_fails_first_with_one_line(tmp_path, override, expected):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  result = subprocess.run(_command(tmp_path / 'run', [override]), env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert expected in result.stderr, result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+def test_workdir_of_another_model_fails_naming_the_parameters(tmp_path, reference_run):
+  overrides, _, reference = reference_run
+  workdir = tmp_path / 'other'
+  shutil.copytree(reference, workdir)
+  result = subprocess.run(_command(workdir, overrides + ['--config.model.width_multiplier=0.25']),
+                          capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert f'checkpoint step {_STEPS} in ' in result.stderr
+  assert 'was written by a different model or config' in result.stderr
+  # width 0.125 of ResNet-18's 64 stem channels is 8; 0.25 is 16.
+  assert ('backbone/conv1/kernel (7, 7, 3, 8) in the checkpoint vs (7, 7, 3, 16) in the model'
+          in result.stderr), result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr
+  assert sorted(os.listdir(workdir / 'checkpoints')) == [str(_STEPS - 4), str(_STEPS)]
