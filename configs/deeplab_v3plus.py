@@ -2,7 +2,7 @@
 
 Train and evaluate on the embedded digit_scenes dataset (built on first use):
   python -m segjax.main --config=configs/deeplab_v3plus.py --workdir=/tmp/deeplab_v3plus
-Paper settings on PASCAL VOC 2012 (needs the VOC builder, not in segjax yet):
+Paper settings on PASCAL VOC 2012 (build voc_segmentation/aug first: README.md, Datasets):
   python -m segjax.main --config=configs/deeplab_v3plus.py:voc --workdir=runs/deeplab_v3plus_voc
 Evaluate with the dense CRF (reruns only the evaluation of a finished run):
   python -m segjax.main --config=configs/deeplab_v3plus.py --workdir=/tmp/deeplab_v3plus \\

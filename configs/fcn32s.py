@@ -2,7 +2,7 @@
 
 Train and evaluate on the embedded digit_scenes dataset (built on first use):
   python -m segjax.main --config=configs/fcn32s.py --workdir=/tmp/fcn32s
-Paper settings on PASCAL VOC 2012 (needs the VOC builder):
+Paper settings on PASCAL VOC 2012 (build voc_segmentation/aug first: README.md, Datasets):
   python -m segjax.main --config=configs/fcn32s.py:voc --workdir=runs/fcn32s_voc
 Expected result on digit_scenes: see the table in README.md.
 """

@@ -7,7 +7,7 @@ Fine-tune torchvision weights (converted once with segjax.convert, see README.md
       --input=fcn_resnet50_coco-1167a1af.pth --output=/tmp/fcn_resnet50_tv
   python -m segjax.main --config=configs/fcn_resnet50.py:voc --workdir=runs/fcn_r50_voc \\
       --config.init_from.path=/tmp/fcn_resnet50_tv
-torchvision's recipe on PASCAL VOC 2012 (needs the VOC builder, not in segjax yet):
+torchvision's recipe on PASCAL VOC 2012 (build voc_segmentation/aug first: README.md, Datasets):
   python -m segjax.main --config=configs/fcn_resnet50.py:voc --workdir=runs/fcn_r50_voc
 FCN-ResNet101: add --config.model.backbone=resnet101 (the voc preset's backbone is ResNet-50).
 Expected result on digit_scenes: not measured yet.
