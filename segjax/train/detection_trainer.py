@@ -11,14 +11,16 @@ count), so the psum of per-device gradients is the global-batch gradient, and pm
 jit give the same numbers. Each image's anchor / RoI sampling key is
 fold_in(step key, global image index), the same whichever driver or device count runs.
 
-Evaluation runs on a single JAX process (multi-host evaluation would need an
-all-gather of detections; not implemented).
+With several JAX processes each one predicts its own slice of the eval split; the
+COCO-format detections are then gathered from every process (`_gather_results`) and
+each process scores the whole list with pycocotools, so all report the same AP.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import pickle
 from typing import Any
 
 import flax
@@ -28,6 +30,7 @@ import ml_collections
 import numpy as np
 import optax
 from jax import lax
+from jax.experimental import multihost_utils
 
 from pycocotools import mask as mask_utils
 
@@ -179,7 +182,12 @@ class Predictor:
   def __call__(self, device_state, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     device_batch = self.driver.put_batch({'image': batch['image'],
                                           'image_size': batch['image_size']})
-    out = jax.device_get(self._fn(device_state, device_batch))
+    out = self._fn(device_state, device_batch)
+    if not self.pmap and jax.process_count() > 1:
+      # This process's rows of the global outputs: the images of its own batch.
+      out = multihost_utils.global_array_to_host_local_array(
+          out, self.driver.mesh, self.driver.data_sharding.spec)
+    out = jax.device_get(out)
     if self.pmap:
       out = {k: v.reshape((-1,) + v.shape[2:]) for k, v in out.items()}
     return out
@@ -198,12 +206,26 @@ def evaluate(predictor: Predictor, device_state, eval_loader, ground_truth, *,
   for batch in eval_loader:
     outputs = predictor(device_state, batch)
     results += coco_eval.detections_to_coco(outputs, batch, segm_score_key=segm_score_key)
+  results = _gather_results(results)
   metrics = coco_eval.evaluate(ground_truth, results, iou_types)
   if segm_score_key != 'scores' and 'segm' in iou_types:
     plain = [dict(r, segm_score=r['score']) for r in results]
     metrics.update({k.replace('segm_', 'segm_cls_score_'): v for k, v in
                     coco_eval.evaluate(ground_truth, plain, ('segm',)).items()})
   return metrics
+
+
+def _gather_results(results: list[dict]) -> list[dict]:
+  """Every process's COCO results, process 0's first; `results` itself with one process."""
+  if jax.process_count() == 1:
+    return results
+  encoded = np.frombuffer(pickle.dumps(results), np.uint8)
+  sizes = multihost_utils.process_allgather(np.int64(encoded.size))
+  padded = np.zeros(int(np.max(sizes)), np.uint8)
+  padded[:encoded.size] = encoded
+  gathered = multihost_utils.process_allgather(padded)
+  return [result for size, row in zip(np.ravel(sizes), gathered)
+          for result in pickle.loads(row[:int(size)].tobytes())]
 
 
 def iou_types(config) -> tuple[str, ...]:
