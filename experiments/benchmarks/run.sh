@@ -28,6 +28,7 @@ $B --workload=pipeline --config=configs/fcn8s.py --steps=30 --json=$R/pipeline_d
 $B --workload=pipeline --config=configs/fcn8s.py --config.dataset.num_workers=2 --steps=30 --json=$R/pipeline_digit_scenes_workers2.json
 # The conv filter-gradient lever: segjax against itself with XLA's gradient, A/B.
 $B $DEEPLAB --mode=train --batch_size=2 --image_size=320,320 --steps=5 --conv_weight_grad=taps_1x1 --compare=xla_conv_grad --json=$R/deeplabv3_train_taps_1x1.json
+$B $FCN --mode=train --batch_size=2 --image_size=320,320 --steps=5 --conv_weight_grad=taps_1x1 --compare=xla_conv_grad --json=$R/fcn_resnet50_train_taps_1x1_vs_xla.json
 $B $DEEPLAB --mode=train $SEG --conv_weight_grad=taps_1x1 --json=$R/deeplabv3_train_taps_1x1_vs_torchvision.json
 $B $FCN --mode=train $SEG --conv_weight_grad=taps_1x1 --json=$R/fcn_resnet50_train_taps_1x1.json
 python -m segjax.benchmarks.conv_grad_bench
