@@ -38,29 +38,6 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file, e.g. configs/deeplab_v3.py:voc')
-_WORKLOAD = flags.DEFINE_enum('workload', 'model', ['model', 'roi_align', 'pipeline'],
-                              'What to time: the config\'s model, RoIAlign fwd+bwd, or the '
-                              'input pipeline of the config\'s dataset.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'infer'], 'Train step or inference.')
-_BATCH = flags.DEFINE_integer('batch_size', None, 'Images per step (default: the config\'s).')
-_SIZE = flags.DEFINE_string('image_size', None, 'H,W (default: the config\'s crop/pad size).')
-_COMPARE = flags.DEFINE_enum('compare', 'none', ['none', 'torchvision', 'xla_conv_grad'],
-                             'Reference to run A/B: torchvision\'s equivalent model, or segjax '
-                             'itself with XLA\'s conv filter gradient (to measure '
-                             '--conv_weight_grad).')
-_STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps (pairs with --compare); at least 5.')
-_WARMUP = flags.DEFINE_integer('warmup', 1, 'Untimed steps per side before timing.')
-_INSTANCES = flags.DEFINE_integer('num_instances', 4, 'Ground-truth objects per image (detectors).')
-_SAMPLING = flags.DEFINE_integer('roi_sampling_ratio', 2, 'RoIAlign row: sampling_ratio.')
-_MEMORY = flags.DEFINE_bool('memory', False, 'Also measure peak RSS minus import per side '
-                            '(one subprocess each).')
-_MEMORY_SIDE = flags.DEFINE_enum('memory_side', None, ['segjax', 'torchvision'],
-                                 'Internal: measure one side\'s memory in this process.')
-_CONV_GRAD = flags.DEFINE_string('conv_weight_grad', None, 'segjax conv filter gradient: '
-                                 'see segjax.models.layers.CONV_WEIGHT_GRADS (default: layers\'s).')
-_JSON = flags.DEFINE_string('json', None, 'Write all results to this JSON file.')
-
 
 def parse_size(text: str) -> tuple[int, int]:
   parts = [p for p in text.replace('x', ',').split(',') if p]
@@ -293,4 +270,28 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Flags exist only when this module is the program: importing it next to another
+  # segjax command line (tests do) must not define the same absl flag twice.
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file, e.g. configs/deeplab_v3.py:voc')
+  _WORKLOAD = flags.DEFINE_enum('workload', 'model', ['model', 'roi_align', 'pipeline'],
+                                'What to time: the config\'s model, RoIAlign fwd+bwd, or the '
+                                'input pipeline of the config\'s dataset.')
+  _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'infer'], 'Train step or inference.')
+  _BATCH = flags.DEFINE_integer('batch_size', None, 'Images per step (default: the config\'s).')
+  _SIZE = flags.DEFINE_string('image_size', None, 'H,W (default: the config\'s crop/pad size).')
+  _COMPARE = flags.DEFINE_enum('compare', 'none', ['none', 'torchvision', 'xla_conv_grad'],
+                               'Reference to run A/B: torchvision\'s equivalent model, or segjax '
+                               'itself with XLA\'s conv filter gradient (to measure '
+                               '--conv_weight_grad).')
+  _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps (pairs with --compare); at least 5.')
+  _WARMUP = flags.DEFINE_integer('warmup', 1, 'Untimed steps per side before timing.')
+  _INSTANCES = flags.DEFINE_integer('num_instances', 4, 'Ground-truth objects per image (detectors).')
+  _SAMPLING = flags.DEFINE_integer('roi_sampling_ratio', 2, 'RoIAlign row: sampling_ratio.')
+  _MEMORY = flags.DEFINE_bool('memory', False, 'Also measure peak RSS minus import per side '
+                              '(one subprocess each).')
+  _MEMORY_SIDE = flags.DEFINE_enum('memory_side', None, ['segjax', 'torchvision'],
+                                   'Internal: measure one side\'s memory in this process.')
+  _CONV_GRAD = flags.DEFINE_string('conv_weight_grad', None, 'segjax conv filter gradient: '
+                                   'see segjax.models.layers.CONV_WEIGHT_GRADS (default: layers\'s).')
+  _JSON = flags.DEFINE_string('json', None, 'Write all results to this JSON file.')
   app.run(main)

@@ -353,17 +353,6 @@ def _save(image: np.ndarray, output_dir: str, name: str) -> str:
 # ---------------------------------------------------------------------------
 # Command line.
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:preset]) of the '
-                                          'trained model.', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: its checkpoints/ is used.')
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Orbax checkpoints directory (latest '
-                                  'step) or one step directory; instead of --workdir.')
-_INPUT = flags.DEFINE_string('input', None, 'Image file, directory or glob pattern.')
-_OUTPUT = flags.DEFINE_string('output', None, 'Directory for the PNGs (and results.json).')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 8, 'Images per compiled batch.')
-_SCORE_THRESHOLD = flags.DEFINE_float('score_threshold', 0.5, 'Instance models: detections '
-                                      'drawn on the overlays (results.json keeps all).')
-flags.mark_flags_as_required(['config', 'input', 'output'])
 
 
 def main(argv):
@@ -383,4 +372,17 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Flags exist only when this module is the program: importing it next to another
+  # segjax command line (tests do) must not define the same absl flag twice.
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:preset]) of the '
+                                            'trained model.', lock_config=True)
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory: its checkpoints/ is used.')
+  _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Orbax checkpoints directory (latest '
+                                    'step) or one step directory; instead of --workdir.')
+  _INPUT = flags.DEFINE_string('input', None, 'Image file, directory or glob pattern.')
+  _OUTPUT = flags.DEFINE_string('output', None, 'Directory for the PNGs (and results.json).')
+  _BATCH_SIZE = flags.DEFINE_integer('batch_size', 8, 'Images per compiled batch.')
+  _SCORE_THRESHOLD = flags.DEFINE_float('score_threshold', 0.5, 'Instance models: detections '
+                                        'drawn on the overlays (results.json keeps all).')
+  flags.mark_flags_as_required(['config', 'input', 'output'])
   app.run(main)

@@ -23,15 +23,7 @@ from absl import app, flags, logging
 
 from segjax.data import manual_files, sources
 
-_DATASET = flags.DEFINE_string(
-    'dataset', None, f'One of {list(sources.MANUAL_DATASETS)}, optionally with a config '
-    "('voc_segmentation/aug').")
-_MANUAL_DIR = flags.DEFINE_string('manual_dir', None, 'Folder holding the downloaded files.')
-_DATA_DIR = flags.DEFINE_string('data_dir', None,
-                                'TFDS data_dir to write to (default ~/tensorflow_datasets).')
-_SKIP_BAD = flags.DEFINE_bool('skip_bad_examples', False,
-                              'Log, count and skip unusable examples instead of stopping.')
-_NUM_THREADS = flags.DEFINE_integer('num_threads', 4, 'Threads decoding the files.')
+
 
 
 def build_dataset(name: str, manual_dir: str, data_dir: str | None, *,
@@ -84,4 +76,15 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Flags exist only when this module is the program: importing it next to another
+  # segjax command line (tests do) must not define the same absl flag twice.
+  _DATASET = flags.DEFINE_string(
+      'dataset', None, f'One of {list(sources.MANUAL_DATASETS)}, optionally with a config '
+      "('voc_segmentation/aug').")
+  _MANUAL_DIR = flags.DEFINE_string('manual_dir', None, 'Folder holding the downloaded files.')
+  _DATA_DIR = flags.DEFINE_string('data_dir', None,
+                                  'TFDS data_dir to write to (default ~/tensorflow_datasets).')
+  _SKIP_BAD = flags.DEFINE_bool('skip_bad_examples', False,
+                                'Log, count and skip unusable examples instead of stopping.')
+  _NUM_THREADS = flags.DEFINE_integer('num_threads', 4, 'Threads decoding the files.')
   app.run(main)
