@@ -31,6 +31,7 @@ def validate_config(config) -> None:
   if config.keep_best_checkpoints < 0:
     raise ValueError(f'config.keep_best_checkpoints={config.keep_best_checkpoints!r} must be >= 0')
   loop.validate_nonfinite_policy(config.nonfinite)
+  loop.validate_conv_weight_grad(config.conv_weight_grad)
   models.validate_model_config(config.model)
   optimizers.validate_optimizer_config(config.optimizer)
   if 'init_from' in config:  # configs saved before the field existed have none

@@ -32,7 +32,8 @@ def get_detection_base_config(name: str = 'mask_rcnn') -> ml_collections.ConfigD
   detection.task = TASK
   for field in ('seed', 'parallel', 'num_train_steps', 'batch_size', 'eval_batch_size',
                 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
-                'keep_checkpoints', 'keep_best_checkpoints', 'nonfinite', 'init_from'):
+                'keep_checkpoints', 'keep_best_checkpoints', 'nonfinite',
+                'conv_weight_grad', 'init_from'):
     detection[field] = config[field]
   detection.model = mask_rcnn.default_detection_model_config(name)
   detection.dataset = instance_pipeline.default_instance_dataset_config()
@@ -132,6 +133,7 @@ def validate_detection_config(config) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
       raise ValueError(f'config.{name}={value!r} must be a positive integer')
   loop.validate_nonfinite_policy(config.nonfinite)
+  loop.validate_conv_weight_grad(config.conv_weight_grad)
   validate_num_images(config)
   if 'init_from' in config:  # configs saved before the field existed have none
     init_from.validate_config(config.init_from)

@@ -42,6 +42,7 @@ import psutil
 from absl import logging
 from jax.experimental import multihost_utils
 
+from segjax.models import layers
 from segjax.train import checkpoints, metric_writer
 from segjax.train.state import TrainState
 
@@ -66,6 +67,12 @@ class Interrupted(Exception):
 def validate_nonfinite_policy(policy: Any) -> None:
   if policy not in NONFINITE_POLICIES:
     raise ValueError(f'config.nonfinite={policy!r} is not one of {NONFINITE_POLICIES}')
+
+
+def validate_conv_weight_grad(impl: Any) -> None:
+  if impl not in layers.CONV_WEIGHT_GRADS:
+    raise ValueError(f'config.conv_weight_grad={impl!r} is not one of '
+                     f'{layers.CONV_WEIGHT_GRADS}')
 
 
 class NonFiniteLoss(Exception):
@@ -173,9 +180,12 @@ def run(config, workdir: str, *, state: TrainState, driver, train_iter,
   state = start_or_resume(config, workdir, state, train_iter, checkpointer, writer,
                           driver.num_devices)
   try:
-    return train(config, driver=driver, device_state=driver.put_state(state),
-                 start_step=int(state.step), train_iter=train_iter, checkpointer=checkpointer,
-                 writer=writer, evaluate=evaluate, summarize=summarize)
+    # The driver's steps are first traced inside `train`, so they see this choice.
+    with layers.conv_weight_grad(config.conv_weight_grad):
+      return train(config, driver=driver, device_state=driver.put_state(state),
+                   start_step=int(state.step), train_iter=train_iter,
+                   checkpointer=checkpointer, writer=writer, evaluate=evaluate,
+                   summarize=summarize)
   finally:
     checkpointer.wait()
     checkpointer.close()
