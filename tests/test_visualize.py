@@ -161,7 +161,7 @@ def test_semantic_eval_hook_writes_examples_and_confusion_matrix(tmp_path, data_
   writer = metric_writer.MetricWriter(str(tmp_path))
   metrics = loop._evaluate(evaluate, device_state, 7, writer)  # pylint: disable=protected-access
   writer.close()
-  assert metrics == trainer.evaluate(driver, device_state, eval_loader, 11)
+  assert metrics == trainer.evaluate(driver, device_state, eval_loader)
 
   images = read_tensorboard_images(str(tmp_path / 'tensorboard'))
   assert set(images) == {('eval/examples', 7), ('eval/confusion_matrix', 7)}

@@ -40,14 +40,12 @@ def make_driver(config):
                               eval_step=steps.bind_eval_step(config))
 
 
-def evaluate(driver, device_state, eval_loader, num_classes: int,
-             class_names=None) -> dict[str, float]:
+def evaluate(driver, device_state, eval_loader, class_names=None) -> dict[str, float]:
   """Metrics over the whole eval split from one confusion matrix summed on device.
 
   The driver's eval step applies `config.eval` (test-time augmentation, dense CRF;
   see `steps.bind_eval_step`) before the argmax.
   """
-  del num_classes  # The eval step fixes it; kept for callers.
   return metrics_from_confusion(evaluate_confusion(driver, device_state, eval_loader),
                                 class_names)
 
