@@ -250,24 +250,16 @@ def restore_variables(workdir: str, step: int | None = None) -> tuple[dict, int]
   Restored as saved, without building the model or optimizer for a template.
   """
   import os  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from segjax.train import checkpoints  # pylint: disable=g-import-not-at-top
   directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'--workdir={workdir!r} has no checkpoints/ directory; train '
                             'there first (python -m segjax.main --workdir=...)')
-  manager = ocp.CheckpointManager(directory, item_names=('state', 'data'))
+  checkpointer = checkpoints.Checkpointer(directory, async_save=False)
   try:
-    available = sorted(manager.all_steps())
-    if not available:
-      raise FileNotFoundError(f'no checkpoint in {directory}')
-    step = available[-1] if step is None else step
-    if step not in available:
-      raise ValueError(f'--step={step} has no checkpoint in {directory}; saved steps: '
-                       f'{available}')
-    state = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))['state']
+    state, step = checkpointer.restore_arrays(step)
   finally:
-    manager.close()
+    checkpointer.close()
   return {'params': state['params'], 'batch_stats': state.get('batch_stats') or {}}, step
 
 

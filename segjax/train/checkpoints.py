@@ -102,6 +102,20 @@ class Checkpointer:
     state = template.replace(**arrays)
     return state, _decode(restored['data'])
 
+  def restore_arrays(self, step: int | None = None) -> tuple[dict[str, Any], int]:
+    """(the saved state arrays as nested dicts, step) of `step` (default: the latest),
+    without a template: no model or optimizer needs to be built (export, inspection)."""
+    available = sorted(self.manager.all_steps())
+    if not available:
+      raise FileNotFoundError(f'no checkpoint in {self.directory}')
+    step = available[-1] if step is None else step
+    if step not in available:
+      raise ValueError(f'step {step} has no checkpoint in {self.directory}; saved steps: '
+                       f'{available}')
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))
+    return restored['state'], step
+
   def restore_latest(self, template: TrainState) -> tuple[TrainState, Any] | None:
     """The newest checkpoint that restores, as `restore`; None if there is none.
 

@@ -12,9 +12,10 @@ finishes, a checkpoint of it is written (and waited for), and `Interrupted` is
 raised; `segjax.main` turns it into exit status 128 + signal number with a line
 saying how to resume. A second signal of the same kind, or `kill -9`, stops the
 process at once; rerunning resumes from the latest complete checkpoint.
-With several JAX processes the signal may reach one host only: after every step
-the processes share their flags (`multihost_utils.process_allgather`), so all of
-them save the same step and stop.
+With several JAX processes the signal may reach one host only: the processes share
+their flags (`multihost_utils.process_allgather`) at the steps where the loop syncs
+anyway (logging, checkpoints, every MAX_STEPS_IN_FLIGHT steps), so all of them save
+the same step and stop, without a host round trip after every step.
 
 Non-finite loss or gradients (`config.nonfinite`): the step never applies such an
 update (`TrainState.apply_gradients_if_finite`), so no NaN reaches the state or a
@@ -121,10 +122,14 @@ def _stop_requests():
       signal.signal(signum, old)
 
 
-def _agreed_stop(stop: list[int]) -> list[int]:
-  """The signals received by any process (every process gets the same list)."""
+def _agreed_stop(stop: list[int], step: int, config) -> list[int]:
+  """The signals received by any process (every process gets the same list); with
+  several processes, asked only at steps where the loop syncs anyway."""
   if jax.process_count() == 1:
     return stop
+  if all(step % every for every in (MAX_STEPS_IN_FLIGHT, config.log_every_steps,
+                                    config.checkpoint_every_steps)):
+    return []
   signums = multihost_utils.process_allgather(np.int32(stop[0] if stop else 0))
   return [int(signum) for signum in np.ravel(signums) if signum]
 
@@ -289,7 +294,7 @@ def _train(config, stop: list[int], *, driver, device_state, step: int, train_it
       logging.info('eval at step %d (%.1fs): %s', step, time.perf_counter() - start,
                    summarize(eval_metrics))
       writer.write(step, 'eval', eval_metrics)
-    stopping = _agreed_stop(stop)
+    stopping = _agreed_stop(stop, step, config)
     if (step % config.checkpoint_every_steps == 0 or is_last or eval_metrics is not None
         or stopping):
       check_finite(pending)
