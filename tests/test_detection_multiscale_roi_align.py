@@ -109,3 +109,26 @@ def test_single_level_is_plain_roi_align():
   out = multiscale_roi_align([jnp.asarray(features[0])], jnp.asarray(boxes), (64, 96), 7,
                              sampling_ratio=2)
   np.testing.assert_allclose(out, expected, atol=1e-5, rtol=0)
+
+
+def test_multiscale_roi_pool_matches_torchvision_roi_pool_on_each_box_level():
+  """RoIPool arm (Mask R-CNN Table 2c): each box = torchvision's roi_pool on its FPN level."""
+  torch = pytest.importorskip('torch')
+  torchvision = pytest.importorskip('torchvision')
+  from segjax.models.detection.multiscale_roi_align import multiscale_roi_pool
+  rng = np.random.default_rng(5)
+  image_shape = (128, 96)
+  features = pyramid(rng, image_shape)
+  boxes = log_uniform_boxes(rng, image_shape, 4, 120)
+  out = np.asarray(multiscale_roi_pool([jnp.asarray(f) for f in features], jnp.asarray(boxes),
+                                       image_shape, 7, canonical_scale=56))
+  levels = np.asarray(map_levels(jnp.asarray(boxes.reshape(-1, 4)), 2, 5,
+                                 canonical_scale=56)).reshape(B, R)
+  assert len(set(levels.ravel().tolist())) >= 3  # the boxes span several levels
+  expected = np.zeros_like(out)
+  for level, (f, stride) in enumerate(zip(features, (4, 8, 16, 32))):
+    rois = [torch.tensor(b) for b in boxes]
+    pooled = torchvision.ops.roi_pool(torch.tensor(f).permute(0, 3, 1, 2), rois, 7, 1.0 / stride)
+    pooled = pooled.permute(0, 2, 3, 1).numpy().reshape(B, R, 7, 7, C)
+    expected = np.where((levels == level)[..., None, None, None], pooled, expected)
+  np.testing.assert_allclose(out, expected, rtol=0, atol=0)

@@ -362,3 +362,29 @@ def test_tiny_mask_rcnn_trains_same_under_pmap_and_jit():
   for kind in ('pmap', 'jit'):
     np.testing.assert_allclose(report['losses'][kind], single, rtol=1e-4, err_msg=kind)
     assert report[f'{kind}_params_diff'] < 1e-3 * report['param_change'], report
+
+
+def test_roi_pool_pooler_trains_and_differs_from_roi_align():
+  """model.roi_pooler='roi_pool' (Mask R-CNN Table 2c's baseline) builds, trains, and
+  pools differently from RoIAlign on the same weights."""
+  c = tiny_config('mask_rcnn')
+  c.roi_pooler = 'roi_pool'
+  model = mr.build_detector(c, num_classes=NUM_CLASSES)
+  assert model.roi_heads_config.pooler == 'roi_pool'
+  _, variables = _model_and_variables('mask_rcnn')
+  keys = jax.random.split(jax.random.PRNGKey(3), 2)
+
+  def loss_fn(params):
+    out, _ = model.apply({'params': params, 'batch_stats': variables['batch_stats']},
+                         _images(), train=True, targets=_targets((True, False)),
+                         sampling_keys=keys, mutable=['batch_stats'])
+    return mr.finalize_losses(out['loss_terms'])['loss']
+
+  loss, grads = jax.jit(jax.value_and_grad(loss_fn))(variables['params'])
+  assert np.isfinite(loss)
+  assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
+  align_losses, _ = _loss_and_grads('mask_rcnn', _targets((True, False)))
+  assert abs(float(loss) - float(align_losses['loss'])) > 1e-6
+  c.roi_pooler = 'roi_warp'
+  with pytest.raises(ValueError, match=r"roi_pooler='roi_warp'.*roi_align"):
+    mr.build_detector(c, num_classes=NUM_CLASSES)

@@ -49,6 +49,7 @@ BACKBONES = {
     'resnet101': resnet.ResNet101,
 }
 BOX_LOSSES = ('smooth_l1', 'l1')
+ROI_POOLERS = ('roi_align', 'roi_pool')
 
 
 class MaskRCNN(nn.Module):
@@ -205,6 +206,7 @@ def default_detection_model_config(name: str = 'mask_rcnn') -> ml_collections.Co
       'box_nms_thresh': 0.5,
       'box_detections_per_img': 100,
       'box_loss': 'smooth_l1',
+      'roi_pooler': 'roi_align',   # | 'roi_pool' (Mask R-CNN Table 2c's baseline)
       'dtype': 'float32',
   })
 
@@ -239,6 +241,8 @@ def validate_detection_model_config(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f'model.box_loss={c.box_loss!r} is not one of {BOX_LOSSES}')
   if c.dtype not in DTYPES:
     raise ValueError(f'model.dtype={c.dtype!r} is not one of {sorted(DTYPES)}')
+  if c.roi_pooler not in ROI_POOLERS:
+    raise ValueError(f'model.roi_pooler={c.roi_pooler!r} is not one of {ROI_POOLERS}')
   if isinstance(c.width_multiplier, bool) or not c.width_multiplier > 0:
     raise ValueError(f'model.width_multiplier={c.width_multiplier!r} must be a number > 0')
   if not isinstance(c.freeze_bn, bool):
@@ -280,7 +284,8 @@ def build_detector(model_config: ml_collections.ConfigDict, *, num_classes: int,
   roi_config = RoIHeadsConfig(
       batch_size_per_image=int(c.box_batch_size_per_image),
       positive_fraction=float(c.box_positive_fraction), score_thresh=float(c.box_score_thresh),
-      nms_thresh=float(c.box_nms_thresh), detections_per_img=int(c.box_detections_per_img))
+      nms_thresh=float(c.box_nms_thresh), detections_per_img=int(c.box_detections_per_img),
+      pooler=c.roi_pooler)
   return MaskRCNN(backbone=backbone, num_classes=int(num_classes),
                   anchor_generator=anchor_generator, rpn_config=rpn_config,
                   roi_heads_config=roi_config, representation_size=int(c.representation_size),

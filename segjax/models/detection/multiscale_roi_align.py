@@ -154,3 +154,45 @@ def multiscale_roi_align(features: Sequence[jax.Array], boxes: jax.Array,
     pooled = jnp.where(on_level, pooled, jnp.zeros((), pooled.dtype))
     out = pooled if out is None else out + pooled
   return out
+
+
+@functools.partial(jax.jit, static_argnames=(
+    'image_shape', 'output_size', 'canonical_scale', 'canonical_level'))
+def multiscale_roi_pool(features: Sequence[jax.Array], boxes: jax.Array,
+                        image_shape: tuple[int, int], output_size: int | Sequence[int], *,
+                        canonical_scale: float = CANONICAL_SCALE,
+                        canonical_level: int = CANONICAL_LEVEL) -> jax.Array:
+  """RoIPool (Fast R-CNN's quantised max pooling, `roi_pool`) of each box on its FPN level.
+
+  Levels are chosen exactly as in `multiscale_roi_align`; every box is pooled on every
+  level and its own level's result kept (static shapes). This is the RoIPool arm of
+  the Mask R-CNN paper's Table 2c ablation, not a fast path.
+
+  Args:
+    features: per level [B, H_l, W_l, C], consecutive levels, finest first.
+    boxes: [B, R, 4] image pixels (no gradient).
+    image_shape, output_size, canonical_scale, canonical_level: as `multiscale_roi_align`.
+
+  Returns:
+    [B, R, P, Q, C].
+  """
+  from segjax.models.detection import roi_pool as roi_pool_lib  # pylint: disable=g-import-not-at-top
+
+  features = list(features)
+  if not features:
+    raise ValueError('multiscale_roi_pool needs at least one feature map')
+  if boxes.ndim != 3 or boxes.shape[0] != features[0].shape[0] or boxes.shape[-1] != 4:
+    raise ValueError(f'multiscale_roi_pool: boxes must have shape [B={features[0].shape[0]}, '
+                     f'R, 4], got {boxes.shape}')
+  shapes = [tuple(f.shape[1:3]) for f in features]
+  scales, k_min, k_max = level_range(shapes, image_shape)
+  batch, num_rois = boxes.shape[:2]
+  levels = map_levels(jax.lax.stop_gradient(boxes.reshape(-1, 4)), k_min, k_max,
+                      canonical_scale=canonical_scale, canonical_level=canonical_level)
+  out = None
+  for level, (f, scale) in enumerate(zip(features, scales)):
+    on_level = (levels == level).reshape(batch, num_rois, 1, 1, 1)
+    pooled = roi_pool_lib.roi_pool(f, boxes, output_size, spatial_scale=scale)
+    pooled = jnp.where(on_level, pooled, jnp.zeros((), pooled.dtype))
+    out = pooled if out is None else out + pooled
+  return out

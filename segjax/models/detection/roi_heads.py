@@ -53,7 +53,8 @@ import optax
 from segjax.models import layers
 from segjax.models.detection import boxes as box_ops
 from segjax.models.detection import matching, nms
-from segjax.models.detection.multiscale_roi_align import multiscale_roi_align
+from segjax.models.detection.multiscale_roi_align import (multiscale_roi_align,
+                                                          multiscale_roi_pool)
 from segjax.models.detection.rpn import SMOOTH_L1_BETA, smooth_l1
 
 ROI_FEATURES = ('p2', 'p3', 'p4', 'p5')  # torchvision's featmap_names ['0', '1', '2', '3']
@@ -77,6 +78,9 @@ class RoIHeadsConfig:
   box_roi_size: int = 7
   mask_roi_size: int = 14
   sampling_ratio: int = 2
+  # 'roi_align' (Mask R-CNN) | 'roi_pool' (Fast R-CNN's quantised pooling; the
+  # Mask R-CNN paper's Table 2c baseline).
+  pooler: str = 'roi_align'
 
   @property
   def box_coder(self) -> box_ops.BoxCoder:
@@ -299,6 +303,8 @@ class RoIHeads(nn.Module):
   def _pool(self, features, boxes, size):
     levels = [features[name] for name in ROI_FEATURES]
     image_shape = tuple(int(s) * 4 for s in levels[0].shape[1:3])
+    if self.config.pooler == 'roi_pool':
+      return multiscale_roi_pool(levels, jax.lax.stop_gradient(boxes), image_shape, size)
     return multiscale_roi_align(levels, jax.lax.stop_gradient(boxes), image_shape, size,
                                 sampling_ratio=self.config.sampling_ratio)
 
