@@ -13,7 +13,8 @@ def test_default_model_config():
   assert c.to_dict() == {
       'name': 'fcn8s', 'backbone': 'vgg16', 'width_multiplier': 1.0,
       'output_stride': 32, 'upsampling': 'deconv', 'aux_loss': False,
-      'fc_kernel_size': 7, 'dtype': 'float32', 'dropout_rate': 0.5, 'fc_init': 'normal'}
+      'fc_kernel_size': 7, 'dtype': 'float32', 'dropout_rate': 0.5, 'fc_init': 'normal',
+      'stem_stride': 4}
   models.validate_model_config(c)
 
 
@@ -59,6 +60,9 @@ def test_every_registry_name_builds(name, backbone):
     ('width_multiplier', 0.0, 'model.width_multiplier=0.0 must be a number > 0'),
     ('fc_kernel_size', 0, 'model.fc_kernel_size=0 must be an integer >= 1'),
     ('dropout_rate', 1.0, 'model.dropout_rate=1.0 must be in [0, 1)'),
+    ('stem_stride', 3, 'model.stem_stride=3 is not valid; choose one of [1, 2, 4]'),
+    ('stem_stride', 2, "model.stem_stride=2 needs a ResNet backbone; vgg16 has no stem to "
+                       "change (use 4)"),
 ])
 def test_bad_values_are_named_with_valid_choices(field, value, expected):
   c = models.default_model_config()
@@ -67,6 +71,23 @@ def test_bad_values_are_named_with_valid_choices(field, value, expected):
   with pytest.raises(ValueError) as err:
     models.build_model(c, num_classes=21)  # build_model validates first
   assert str(err.value) == expected
+
+
+@pytest.mark.parametrize('name', ['fcn32s', 'fcn8s'])
+@pytest.mark.parametrize('stem_stride', [1, 2])
+def test_fcn_with_a_small_stem_keeps_the_input_size(name, stem_stride):
+  c = models.default_model_config(name)
+  c.backbone, c.width_multiplier, c.stem_stride = 'resnet18', 1 / 16, stem_stride
+  model = models.build_model(c, num_classes=3)
+  x = jax.ShapeDtypeStruct((1, 64, 48, 3), jnp.float32)
+  out = jax.eval_shape(
+      lambda x: model.init_with_output(jax.random.key(0), x, train=False)[0], x)
+  assert out['logits'].shape == (1, 64, 48, 3)
+  assert model.backbone.feature_strides()['res5'] == 8 * stem_stride
+  c.output_stride = 16
+  with pytest.raises(ValueError, match=f'model.stem_stride={stem_stride} needs '
+                                       'model.output_stride=32'):
+    models.build_model(c, num_classes=3)
 
 
 def test_unknown_and_missing_fields():

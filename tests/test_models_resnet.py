@@ -58,6 +58,57 @@ def test_feature_shapes_match_strides(ctor, output_stride, hw):
   assert strides['res5'] == output_stride
 
 
+@pytest.mark.parametrize('stem_stride', [1, 2, 4])
+@pytest.mark.parametrize('hw', [(64, 64), (50, 38)])
+def test_stem_stride_divides_every_stride_and_keeps_the_weights(stem_stride, hw):
+  model = resnet.ResNet18(width_multiplier=TINY, stem_stride=stem_stride)
+  x = jax.ShapeDtypeStruct((2,) + hw + (3,), jnp.float32)
+  out = jax.eval_shape(
+      lambda x: model.init_with_output(jax.random.key(0), x, train=False)[0], x)
+  strides = model.feature_strides()
+  assert strides == {'stem': min(2, stem_stride), 'res2': stem_stride, 'res3': 2 * stem_stride,
+                     'res4': 4 * stem_stride, 'res5': 8 * stem_stride}
+  for name, feat in out.items():
+    s = strides[name]
+    assert feat.shape[1:3] == (-(-hw[0] // s), -(-hw[1] // s)), name
+  # Same parameter tree as torchvision's stem, so converted weights load unchanged.
+  shapes = jax.tree_util.tree_map(lambda a: a.shape, abstract_init(model, (1, 64, 64, 3)))
+  standard = resnet.ResNet18(width_multiplier=TINY)
+  assert shapes == jax.tree_util.tree_map(lambda a: a.shape,
+                                          abstract_init(standard, (1, 64, 64, 3)))
+
+
+def test_stem_stride_2_is_the_standard_net_without_its_max_pool():
+  """Same weights: the stems agree, res2 is twice the size, and max-pooling the
+  stem_stride-2 stem by hand then running layer1 gives the standard res2."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 32, 32, 3)), jnp.float32)
+  standard = resnet.ResNet18(width_multiplier=TINY)
+  no_pool = resnet.ResNet18(width_multiplier=TINY, stem_stride=2)
+  variables = standard.init(jax.random.key(0), x, train=False)
+  a = standard.apply(variables, x, train=False)
+  b = no_pool.apply(variables, x, train=False)
+  np.testing.assert_array_equal(a['stem'], b['stem'])
+  assert a['res2'].shape[1] * 2 == b['res2'].shape[1]
+  pooled = flax.linen.max_pool(b['stem'], (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  layer1 = [resnet.BasicBlock(planes=resnet.scale_width(64, TINY), strides=1, dilation=1,
+                              first_dilation=1, downsample=False, name=f'layer1_{j}')
+            for j in range(2)]
+  y = pooled
+  for j, block in enumerate(layer1):
+    y = block.apply({'params': variables['params'][f'layer1_{j}'],
+                     'batch_stats': variables['batch_stats'][f'layer1_{j}']}, y, train=False)
+  np.testing.assert_allclose(y, a['res2'], rtol=1e-6, atol=1e-6)
+
+
+def test_stem_stride_rejects_bad_values():
+  x = jnp.zeros((1, 32, 32, 3))
+  with pytest.raises(ValueError, match=r'stem_stride must be one of \(1, 2, 4\), got 3'):
+    resnet.ResNet18(width_multiplier=TINY, stem_stride=3).init(jax.random.key(0), x, train=False)
+  with pytest.raises(ValueError, match='needs output_stride 32'):
+    resnet.ResNet18(width_multiplier=TINY, stem_stride=2, output_stride=8).init(
+        jax.random.key(0), x, train=False)
+
+
 def test_width_multiplier_and_minimum_width():
   m = resnet.ResNet50(width_multiplier=TINY)
   assert m.feature_channels() == {'stem': 8, 'res2': 32, 'res3': 32, 'res4': 64,

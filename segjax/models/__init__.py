@@ -124,6 +124,9 @@ def default_model_config(name: str = 'fcn8s') -> ml_collections.ConfigDict:
         'dtype': 'float32',
         'dropout_rate': 0.5,
         'fc_init': 'normal',    # VGG fc6/fc7: 'normal' N(0, 0.01) | 'he' (from scratch)
+        # ResNet backbones: 4 = torchvision's stem (conv /2 + max pool /2); 2 drops the
+        # max pool, 1 also conv1's stride (small images; every stride divides by 4/s).
+        'stem_stride': 4,
     })
   return ml_collections.ConfigDict({
       'name': name,
@@ -217,6 +220,13 @@ def validate_model_config(model_config: ml_collections.ConfigDict) -> None:
   _choice('fc_init', c.fc_init, layers.FC_INITS)
   if c.name in FCN_MODELS:
     _choice('upsampling', c.upsampling, UPSAMPLING)
+    _choice('stem_stride', c.stem_stride, resnet.STEM_STRIDES)
+    if c.stem_stride != 4 and _family(c.backbone) != 'resnet':
+      raise ValueError(f'model.stem_stride={c.stem_stride!r} needs a ResNet backbone; '
+                       f'{c.backbone} has no stem to change (use 4)')
+    if c.stem_stride != 4 and c.output_stride != 32:
+      raise ValueError(f'model.stem_stride={c.stem_stride!r} needs model.output_stride=32 '
+                       f'(no dilation), got {c.output_stride}')
     _check_number('fc_kernel_size', c.fc_kernel_size,
                   isinstance(c.fc_kernel_size, numbers.Integral) and c.fc_kernel_size >= 1,
                   'an integer >= 1')
@@ -267,6 +277,8 @@ def build_backbone(model_config: ml_collections.ConfigDict, *,
                 dtype=DTYPES[c.dtype])
   if _family(c.backbone) == 'vgg':  # fcn_resnet has no VGG backbone (validated)
     kwargs.update(dropout_rate=float(c.dropout_rate), fc_init=c.fc_init, **_vgg_fc(c))
+  elif 'stem_stride' in c:
+    kwargs.update(stem_stride=int(c.stem_stride))
   return BACKBONES[c.backbone](**kwargs)
 
 

@@ -12,6 +12,12 @@ of BasicBlocks (18/34) or Bottlenecks (50/101/152, "v1.5": the stride sits on th
 
 Every stride-2 op pads symmetrically (PyTorch), so a stride-s map is ceil(H / s).
 
+`stem_stride` 4 is the above. For small images (CIFAR-style ResNets, He et al. 2016
+§4.2, drop the stem's downsampling) 2 drops the max pool and 1 also makes conv1
+stride 1; every later stride divides by 4 / stem_stride (stem_stride 1: res2 at 1,
+res5 at 8). The weights are the same shapes, so converted checkpoints still load.
+Only with output_stride 32 (no dilation).
+
 output_stride 16 / 8 is torchvision's `replace_stride_with_dilation`
 ((False, False, True) / (False, True, True)): the stage's stride becomes 1, its
 dilation doubles; the first block of a dilated stage runs its 3x3 conv at the
@@ -43,6 +49,7 @@ from segjax.models import layers
 
 STAGE_WIDTHS = (64, 128, 256, 512)
 STEM_WIDTH = 64
+STEM_STRIDES = (1, 2, 4)  # see the module docstring
 
 
 def scale_width(channels: int, width_multiplier: float) -> int:
@@ -131,6 +138,7 @@ class ResNet(nn.Module):
     block_cls: BasicBlock or Bottleneck.
     width_multiplier: scales every channel count (min 8 for the 3x3 width).
     output_stride: 32, 16 or 8 via dilation (see module docstring).
+    stem_stride: 4 (conv1 /2, max pool /2), 2 (no max pool) or 1 (neither).
     zero_init_residual: last BN gamma of each block starts at 0 (torchvision option).
     bn_axis_name: pmap axis for BatchNorm statistics.
     dtype: compute dtype (params stay float32).
@@ -139,6 +147,7 @@ class ResNet(nn.Module):
   block_cls: type[nn.Module]
   width_multiplier: float = 1.0
   output_stride: int = 32
+  stem_stride: int = 4
   zero_init_residual: bool = False
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
@@ -149,10 +158,19 @@ class ResNet(nn.Module):
     return {32: (False, False, False), 16: (False, False, True),
             8: (False, True, True)}[self.output_stride]
 
+  def check_stem_stride(self) -> None:
+    if self.stem_stride not in STEM_STRIDES:
+      raise ValueError(f'stem_stride must be one of {STEM_STRIDES}, got {self.stem_stride}')
+    if self.stem_stride != 4 and self.output_stride != 32:
+      raise ValueError(f'stem_stride={self.stem_stride} needs output_stride 32 (no dilation), '
+                       f'got output_stride {self.output_stride}')
+
   def feature_strides(self) -> dict[str, int]:
     """Stride of every returned feature map w.r.t. the input."""
-    return {'stem': 2, 'res2': 4, 'res3': 8, 'res4': min(16, self.output_stride),
-            'res5': min(32, self.output_stride)}
+    self.check_stem_stride()
+    s = self.stem_stride
+    return {'stem': min(2, s), 'res2': s, 'res3': 2 * s, 'res4': min(4 * s, self.output_stride),
+            'res5': min(8 * s, self.output_stride)}
 
   def feature_channels(self) -> dict[str, int]:
     e = self.block_cls.expansion
@@ -164,15 +182,17 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
     dilate = (False,) + self.replace_stride_with_dilation()
+    self.check_stem_stride()
     x = x.astype(self.dtype)
     in_channels = scale_width(STEM_WIDTH, self.width_multiplier)
-    x = layers.conv2d(in_channels, 7, strides=2, use_bias=False, dtype=self.dtype,
-                      name='conv1')(x)
+    x = layers.conv2d(in_channels, 7, strides=min(2, self.stem_stride), use_bias=False,
+                      dtype=self.dtype, name='conv1')(x)
     x = layers.batch_norm(train, axis_name=self.bn_axis_name, dtype=self.dtype,
                           name='bn1')(x)
     x = nn.relu(x)
     features = {'stem': x}
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    if self.stem_stride == 4:
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
     dilation = 1
     for i, (n_blocks, width) in enumerate(zip(self.stage_sizes, STAGE_WIDTHS)):
