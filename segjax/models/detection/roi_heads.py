@@ -27,7 +27,9 @@ Sampling (torchvision's `RoIHeads`): ground-truth boxes are appended to the prop
 proposals are matched at IoU 0.5, 512 are sampled per image with at most 25% positives
 (`matching.sample_balanced`, positives first). The mask branch sees the first
 `int(512 * 0.25)` sampled slots, which hold every sampled positive; the others are
-masked out of the loss.
+masked out of the loss. It runs on only the first 16, 32, 64 or 128 of them, the
+smallest that holds every image's positives (`RoIHeadsConfig.mask_roi_buckets`, a
+`switch` between static sizes): the same loss and gradients for less work.
 
 Inference (`postprocess_detections`): softmax scores, class-specific boxes clipped to
 the image, score > 0.05, tiny boxes dropped, class-aware NMS 0.5, the best 100 kept in a
@@ -43,6 +45,7 @@ flattened in NHWC order (torchvision flattens C, 7, 7); `bbox_pred` outputs are
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -81,6 +84,12 @@ class RoIHeadsConfig:
   # 'roi_align' (Mask R-CNN) | 'roi_pool' (Fast R-CNN's quantised pooling; the
   # Mask R-CNN paper's Table 2c baseline).
   pooler: str = 'roi_align'
+  # Training runs the mask branch on the first b slots, b the smallest of
+  # `mask_roi_buckets` holding every image's positives (lax.switch: one compiled branch
+  # per size, only the chosen one runs). The loss and gradients equal those of all
+  # `num_mask_rois` slots, since slots past the positives are masked out anyway.
+  # False: always all slots.
+  mask_roi_buckets: bool = True
 
   @property
   def box_coder(self) -> box_ops.BoxCoder:
@@ -90,6 +99,18 @@ class RoIHeadsConfig:
   def num_mask_rois(self) -> int:
     """Mask-branch slots per image: the most positives the sampler can draw."""
     return max(1, int(self.batch_size_per_image * self.positive_fraction))
+
+  @property
+  def mask_bucket_sizes(self) -> tuple[int, ...]:
+    """Slot counts the training mask branch may run on: 16, 32, ... up to num_mask_rois."""
+    n = self.num_mask_rois
+    if not self.mask_roi_buckets:
+      return (n,)
+    sizes, b = [], 16
+    while b < n:
+      sizes.append(b)
+      b *= 2
+    return tuple(sizes) + (n,)
 
 
 class TwoMLPHead(nn.Module):
@@ -354,21 +375,37 @@ class RoIHeads(nn.Module):
       return terms
 
     n = c.num_mask_rois
-    rois, positive = sampled.rois[:, :n], sampled.positive[:, :n]
-    labels, matched = sampled.labels[:, :n], sampled.matched_idxs[:, :n]
-    mask_features, mask_logits = self._masks(features, rois)
-    logits = select_class(mask_logits, labels)
-    size = logits.shape[-1]
-    mask_targets = jax.vmap(
-        lambda m, b, i: matching.project_masks_on_boxes(m, b, i, size))(
-            targets['masks'], rois, matched)
-    bce = jnp.sum(optax.sigmoid_binary_cross_entropy(logits, mask_targets), (-2, -1))
-    num_pos = jnp.sum(positive, dtype=jnp.float32)
-    terms['loss_mask'] = (jnp.sum(jnp.where(positive, bce, 0.0)), num_pos * size * size)
-    if self.with_maskiou:
-      probs = jax.lax.stop_gradient(jax.nn.sigmoid(logits))
-      pred_iou = select_class(self.maskiou_head(mask_features, probs), labels)
-      target_iou = mask_iou_targets(logits, mask_targets)
-      sq = jnp.square(pred_iou - target_iou)
-      terms['loss_maskiou'] = (jnp.sum(jnp.where(positive, sq, 0.0)), num_pos)
+    # Positives come first in the sampled slots (matching.sample_balanced).
+    max_positives = jnp.max(jnp.sum(sampled.positive[:, :n], -1))
+    sizes = c.mask_bucket_sizes
+    index = jnp.sum(max_positives > jnp.asarray(sizes[:-1], jnp.int32)).astype(jnp.int32)
+    branches = [functools.partial(_mask_loss_terms, slots=b) for b in sizes]
+    operands = (features, sampled, targets['masks'])
+    if len(branches) == 1:
+      mask_terms = branches[0](self, *operands)
+    else:
+      mask_terms = nn.switch(index, branches, self, *operands)
+    terms.update(mask_terms)
     return terms
+
+
+def _mask_loss_terms(heads: RoIHeads, features, sampled: SampledRoIs, gt_masks: jax.Array, *,
+                     slots: int) -> dict[str, tuple[jax.Array, jax.Array]]:
+  """Mask (and MaskIoU) loss terms over the first `slots` sampled RoIs of each image."""
+  rois, positive = sampled.rois[:, :slots], sampled.positive[:, :slots]
+  labels, matched = sampled.labels[:, :slots], sampled.matched_idxs[:, :slots]
+  mask_features, mask_logits = heads._masks(features, rois)  # pylint: disable=protected-access
+  logits = select_class(mask_logits, labels)
+  size = logits.shape[-1]
+  mask_targets = jax.vmap(
+      lambda m, b, i: matching.project_masks_on_boxes(m, b, i, size))(gt_masks, rois, matched)
+  bce = jnp.sum(optax.sigmoid_binary_cross_entropy(logits, mask_targets), (-2, -1))
+  num_pos = jnp.sum(positive, dtype=jnp.float32)
+  terms = {'loss_mask': (jnp.sum(jnp.where(positive, bce, 0.0)), num_pos * size * size)}
+  if heads.with_maskiou:
+    probs = jax.lax.stop_gradient(jax.nn.sigmoid(logits))
+    pred_iou = select_class(heads.maskiou_head(mask_features, probs), labels)
+    target_iou = mask_iou_targets(logits, mask_targets)
+    sq = jnp.square(pred_iou - target_iou)
+    terms['loss_maskiou'] = (jnp.sum(jnp.where(positive, sq, 0.0)), num_pos)
+  return terms
