@@ -193,7 +193,10 @@ def run_variant(study: Study, name: str, variant: Variant, seed: int, outdir: st
                   final={k: v for k, v in evals[-1].items() if k in keys},
                   curve=[{'step': r['step'], **{k: r[k] for k in keys if k in r}} for r in evals])
   if study.metric == 'miou':
-    record['final'].update(trimap(cmd, workdir, log_path))
+    scores = trimap(cmd, workdir, log_path)
+    record['final'].update({k: v for k, v in scores.items() if k.startswith('trimap')})
+    # The same predictions' whole-image mIoU: a cross-check of the run's own evaluation.
+    record['trimap_eval_miou'] = scores['miou']
   return record
 
 
