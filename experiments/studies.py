@@ -359,7 +359,9 @@ def main(argv=None) -> None:
         if v.label not in only:
           continue
         record = run_variant(study, args.study, v, seed, args.outdir, tuple(args.override))
-        runs = [r for r in runs if (r['label'], r['seed']) != (v.label, seed)] + [record]
+        # Re-read: another invocation (other seeds) may have saved meanwhile.
+        runs = [r for r in load_results(args.study)
+                if (r['label'], r['seed']) != (v.label, seed)] + [record]
         save_results(args.study, runs)
         print(json.dumps({k: record[k] for k in ('label', 'seed', 'final', 'wall_seconds')}),
               flush=True)
