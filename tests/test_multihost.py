@@ -28,7 +28,10 @@ from segjax.train import checkpoints, metric_writer, trainer
 _CONFIG = os.path.join(os.path.dirname(__file__), '..', 'configs', 'fcn8s.py')
 pytestmark = pytest.mark.slow
 
+# torchvision's stride-4 stem, not the preset's stride-1 one (16x the backbone compute):
+# these tests are about the loop, the CLI and checkpoints, not the architecture.
 _TINY = {'dataset.name': 'digit_scenes/tiny', 'model.backbone': 'resnet18',
+         'model.stem_stride': 4,
          'model.width_multiplier': 0.125, 'dataset.crop_size': (32, 32),
          'optimizer.name': 'sgd', 'optimizer.learning_rate': 0.02}
 _STEPS = 8
