@@ -101,8 +101,7 @@ STUDIES = {
     # Mask R-CNN (He et al. 2017) Table 2c: RoIAlign beats RoIPool, most on mask AP.
     'roi_pooler': Study(
         'Mask R-CNN: RoIAlign vs RoIPool', 'segm_AP',
-        (Variant('roi_align', 'configs/mask_rcnn_r50_fpn.py',
-                 ('--config.model.roi_pooler=roi_align',)),
+        (Variant('roi_align', 'configs/mask_rcnn_r50_fpn.py'),  # the preset's pooler
          Variant('roi_pool', 'configs/mask_rcnn_r50_fpn.py',
                  ('--config.model.roi_pooler=roi_pool',))),
         extra_metrics=('bbox_AP', 'segm_AP50')),
