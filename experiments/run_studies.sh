@@ -8,7 +8,7 @@
 set -euo pipefail
 out=${1:-/tmp/segjax_studies}
 shift || true
-studies=${*:-fcn_skips fcn_upsampling crf roi_pooler}
+studies=${*:-fcn_skips fcn_upsampling crf roi_pooler mask_scoring}
 for study in $studies; do
   python experiments/studies.py "$study" --outdir="$out"
 done
