@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from segjax.data import digit_scenes, sources
-from segjax.evaluation import segmentation_metrics
+from segjax.evaluation import boundary, segmentation_metrics
 
 
 def oracle_miou(labels: np.ndarray, stride: int, num_classes: int, ignore: int) -> float:
@@ -28,9 +28,7 @@ def oracle_miou(labels: np.ndarray, stride: int, num_classes: int, ignore: int) 
   small = onehot.reshape(n, h // stride, stride, w // stride, stride, num_classes).mean((2, 4))
   up = np.asarray(jax.image.resize(small, (n, h, w, num_classes), 'bilinear'))
   pred = up.argmax(-1)
-  counted = labels != ignore
-  confusion = np.bincount(labels[counted].astype(np.int64) * num_classes + pred[counted],
-                          minlength=num_classes**2).reshape(num_classes, num_classes)
+  confusion = boundary.confusion_counts(pred, labels, labels != ignore, num_classes)
   return segmentation_metrics.metrics_from_confusion(confusion)['miou']
 
 

@@ -50,9 +50,7 @@ def evaluate(config, workdir: str, widths, batch_size: int = 100) -> dict[str, f
       preds = model([r[data.image_key] for r in group])
       for r, pred in zip(group, preds):
         label = np.asarray(r[data.label_key])[..., 0].astype(np.int64)
-        counted = label < num_classes
-        whole += np.bincount(label[counted] * num_classes + pred[counted],
-                             minlength=num_classes**2).reshape(num_classes, num_classes)
+        whole += boundary.confusion_counts(pred, label, label < num_classes, num_classes)
         for w in widths:
           bands[w] += boundary.boundary_confusion(pred, label, None, num_classes, width=w)
   result = {k: v for k, v in segmentation_metrics.metrics_from_confusion(whole).items()

@@ -37,6 +37,15 @@ def boundary_band(labels: np.ndarray, width: int) -> np.ndarray:
   return high != low
 
 
+def confusion_counts(predictions: np.ndarray, labels: np.ndarray, counted: np.ndarray,
+                     num_classes: int) -> np.ndarray:
+  """[C, C] int64 host confusion matrix (rows = ground truth) over the `counted` pixels."""
+  labels = np.asarray(labels, np.int64)[counted]
+  predictions = np.asarray(predictions, np.int64)[counted]
+  return np.bincount(labels * num_classes + predictions,
+                     minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
 def boundary_confusion(predictions: np.ndarray, labels: np.ndarray, valid: np.ndarray | None,
                        num_classes: int, width: int) -> np.ndarray:
   """[C, C] int64 confusion matrix (rows = ground truth) over the band pixels only.
@@ -50,8 +59,7 @@ def boundary_confusion(predictions: np.ndarray, labels: np.ndarray, valid: np.nd
   counted = boundary_band(labels, width) & (labels >= 0) & (labels < num_classes)
   if valid is not None:
     counted &= np.asarray(valid, bool)
-  flat = labels[counted] * num_classes + predictions[counted]
-  return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+  return confusion_counts(predictions, labels, counted, num_classes)
 
 
 def boundary_metrics(confusion: np.ndarray) -> dict[str, float]:

@@ -142,16 +142,24 @@ def multiscale_roi_align(features: Sequence[jax.Array], boxes: jax.Array,
     out = roi_align_lib.gather_pool(flat, base, width, ys, xs)
     return out.reshape(batch, num_rois, *output_size, channels)
 
-  out = None
-  for level, (f, scale) in enumerate(zip(features, scales)):
+  def pool(f, scale):
     level_samples = roi_align_lib.samples_per_side(sampling_ratio, output_size, f.shape[1:3],
                                                    max_sampling_ratio)
-    on_level = (levels == level).reshape(batch, num_rois, 1, 1, 1)
-    pooled = roi_align_lib.roi_align(f, boxes, output_size, spatial_scale=scale,
-                                     sampling_ratio=sampling_ratio, aligned=aligned,
-                                     impl='matmul', max_sampling_ratio=level_samples,
-                                     precision=precision)
-    pooled = jnp.where(on_level, pooled, jnp.zeros((), pooled.dtype))
+    return roi_align_lib.roi_align(f, boxes, output_size, spatial_scale=scale,
+                                   sampling_ratio=sampling_ratio, aligned=aligned,
+                                   impl='matmul', max_sampling_ratio=level_samples,
+                                   precision=precision)
+  return _each_box_from_its_level(pool, features, scales, levels.reshape(batch, num_rois))
+
+
+def _each_box_from_its_level(pool, features, scales, levels: jax.Array) -> jax.Array:
+  """Pools every box on every level with `pool(feature, scale)` -> [B, R, P, Q, C] and
+  keeps, per box, its own level's result (`levels` [B, R]): static shapes, no filtering."""
+  out = None
+  for level, (f, scale) in enumerate(zip(features, scales)):
+    pooled = pool(f, scale)
+    pooled = jnp.where((levels == level)[..., None, None, None], pooled,
+                       jnp.zeros((), pooled.dtype))
     out = pooled if out is None else out + pooled
   return out
 
@@ -189,10 +197,6 @@ def multiscale_roi_pool(features: Sequence[jax.Array], boxes: jax.Array,
   batch, num_rois = boxes.shape[:2]
   levels = map_levels(jax.lax.stop_gradient(boxes.reshape(-1, 4)), k_min, k_max,
                       canonical_scale=canonical_scale, canonical_level=canonical_level)
-  out = None
-  for level, (f, scale) in enumerate(zip(features, scales)):
-    on_level = (levels == level).reshape(batch, num_rois, 1, 1, 1)
-    pooled = roi_pool_lib.roi_pool(f, boxes, output_size, spatial_scale=scale)
-    pooled = jnp.where(on_level, pooled, jnp.zeros((), pooled.dtype))
-    out = pooled if out is None else out + pooled
-  return out
+  return _each_box_from_its_level(
+      lambda f, scale: roi_pool_lib.roi_pool(f, boxes, output_size, spatial_scale=scale),
+      features, scales, levels.reshape(batch, num_rois))
