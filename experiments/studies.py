@@ -81,9 +81,10 @@ STUDIES = {
          Variant('largefov', 'configs/deeplab_v1_largefov.py')),
         extra_metrics=SEGM_METRICS[1:]),
     # DeepLab v2 (Chen et al. 2017) Table 3: ASPP-L > ASPP-S > LargeFOV; v3+ beyond.
+    # All four on the same backbone (the presets' eighth-width ResNet-18, stride-2 stem).
     'deeplab_heads': Study(
-        'DeepLab heads: LargeFOV vs ASPP-S vs ASPP-L vs v3+', 'miou',
-        (Variant('largefov', 'configs/deeplab_v1_largefov.py'),
+        'DeepLab heads on one backbone: LargeFOV vs ASPP-S vs ASPP-L vs v3+', 'miou',
+        (Variant('largefov', 'configs/deeplab_v2_largefov.py'),
          Variant('aspp_s', 'configs/deeplab_v2_aspp_s.py'),
          Variant('aspp_l', 'configs/deeplab_v2_aspp_l.py'),
          Variant('v3plus', 'configs/deeplab_v3plus.py')),

@@ -86,6 +86,9 @@ def test_torchvision_equivalence_names_the_differences():
     torchvision_workloads.equivalent(config)
   config.model.backbone, config.model.output_stride = 'resnet50', 8
   assert torchvision_workloads.equivalent(config) == 'deeplabv3_resnet50'
+  config.model.stem_stride = 2  # no max pool: not torchvision's stem
+  with pytest.raises(ValueError, match=r'stem_stride=2 .*--config.model.stem_stride=4'):
+    torchvision_workloads.equivalent(config)
   detector = _get_config('mask_rcnn_r50_fpn', 'coco')  # frozen BN: not torchvision's from-scratch
   with pytest.raises(ValueError, match='freeze_bn'):
     torchvision_workloads.equivalent(detector)

@@ -186,6 +186,7 @@ def test_v1_dilations(name, expected_fc6_rate):
 @pytest.mark.parametrize('name,output_stride,rates', [
     ('deeplab_v2_aspp_s', 8, (2, 4, 8, 12)),
     ('deeplab_v2_aspp_l', 8, (6, 12, 18, 24)),
+    ('deeplab_v2_largefov', 8, (12,)),
     ('deeplab_v3', 16, (6, 12, 18)),
     ('deeplab_v3', 8, (12, 24, 36)),
 ])
@@ -302,7 +303,7 @@ def test_freeze_bn_uses_and_keeps_running_statistics():
      "unknown model config field(s) ['upsampling'] for model.name='deeplab_v3'; known "
      "fields are ['atrous_rates', 'aux_loss', 'backbone', 'dropout_rate', 'dtype', "
      "'fc_init', 'freeze_bn', 'input_scales', 'name', 'output_stride', "
-     "'width_multiplier']"),
+     "'stem_stride', 'width_multiplier']"),
 ])
 def test_bad_deeplab_values_are_named(name, field, value, expected):
   config = models.default_model_config(name)

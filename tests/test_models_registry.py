@@ -23,7 +23,8 @@ def test_registries():
                                    'resnet34', 'resnet50', 'resnet101', 'resnet152'}
   assert set(models.MODELS) == {
       'fcn32s', 'fcn16s', 'fcn8s', 'deeplab_v1', 'deeplab_v1_largefov', 'deeplab_v1_msc',
-      'deeplab_v1_msc_largefov', 'deeplab_v2_aspp_s', 'deeplab_v2_aspp_l', 'deeplab_v3',
+      'deeplab_v1_msc_largefov', 'deeplab_v2_aspp_s', 'deeplab_v2_aspp_l',
+      'deeplab_v2_largefov', 'deeplab_v3',
       'deeplab_v3plus', 'fcn_resnet'}
   assert models.UPSAMPLING == ('bilinear', 'deconv', 'deconv_frozen')
 
@@ -47,7 +48,7 @@ def test_every_registry_name_builds(name, backbone):
 @pytest.mark.parametrize('field,value,expected', [
     ('name', 'fcn4s', "model.name='fcn4s' is not valid; choose one of ['deeplab_v1', "
                       "'deeplab_v1_largefov', 'deeplab_v1_msc', 'deeplab_v1_msc_largefov', "
-                      "'deeplab_v2_aspp_l', 'deeplab_v2_aspp_s', 'deeplab_v3', "
+                      "'deeplab_v2_aspp_l', 'deeplab_v2_aspp_s', 'deeplab_v2_largefov', 'deeplab_v3', "
                       "'deeplab_v3plus', 'fcn16s', 'fcn32s', 'fcn8s', 'fcn_resnet']"),
     ('backbone', 'resnet19', "model.backbone='resnet19' is not valid; choose one of "
                              "['resnet101', 'resnet152', 'resnet18', 'resnet34', 'resnet50', "
@@ -84,9 +85,30 @@ def test_fcn_with_a_small_stem_keeps_the_input_size(name, stem_stride):
       lambda x: model.init_with_output(jax.random.key(0), x, train=False)[0], x)
   assert out['logits'].shape == (1, 64, 48, 3)
   assert model.backbone.feature_strides()['res5'] == 8 * stem_stride
-  c.output_stride = 16
-  with pytest.raises(ValueError, match=f'model.stem_stride={stem_stride} needs '
-                                       'model.output_stride=32'):
+  c.output_stride = 16  # the dilation pattern of output stride 16, at the finer grid
+  model = models.build_model(c, num_classes=3)
+  out = jax.eval_shape(
+      lambda x: model.init_with_output(jax.random.key(0), x, train=False)[0], x)
+  assert out['logits'].shape == (1, 64, 48, 3)
+  assert model.backbone.feature_strides()['res5'] == 4 * stem_stride
+
+
+@pytest.mark.parametrize('name', ['deeplab_v2_largefov', 'deeplab_v2_aspp_l', 'deeplab_v3',
+                                  'deeplab_v3plus'])
+@pytest.mark.parametrize('stem_stride', [1, 2])
+def test_deeplab_with_a_small_stem_has_finer_coarse_logits(name, stem_stride):
+  c = models.default_model_config(name)
+  c.backbone, c.width_multiplier, c.stem_stride = 'resnet18', 1 / 16, stem_stride
+  model = models.build_model(c, num_classes=3)
+  x = jax.ShapeDtypeStruct((1, 64, 48, 3), jnp.float32)
+  out = jax.eval_shape(
+      lambda x: model.init_with_output(jax.random.key(0), x, train=False)[0], x)
+  stride = models.coarse_logits_stride(c)
+  assert stride == (stem_stride if name == 'deeplab_v3plus' else 2 * stem_stride)
+  assert out['coarse_logits'].shape == (1, 64 // stride, 48 // stride, 3)
+  assert out['logits'].shape == (1, 64, 48, 3)
+  c.backbone = 'vgg16_bn'
+  with pytest.raises(ValueError, match=f'model.stem_stride={stem_stride} needs a ResNet'):
     models.build_model(c, num_classes=3)
 
 

@@ -104,9 +104,29 @@ def test_stem_stride_rejects_bad_values():
   x = jnp.zeros((1, 32, 32, 3))
   with pytest.raises(ValueError, match=r'stem_stride must be one of \(1, 2, 4\), got 3'):
     resnet.ResNet18(width_multiplier=TINY, stem_stride=3).init(jax.random.key(0), x, train=False)
-  with pytest.raises(ValueError, match='needs output_stride 32'):
-    resnet.ResNet18(width_multiplier=TINY, stem_stride=2, output_stride=8).init(
-        jax.random.key(0), x, train=False)
+
+
+@pytest.mark.parametrize('stem_stride', [1, 2])
+@pytest.mark.parametrize('output_stride', [8, 16])
+def test_small_stem_with_dilation_is_the_dilated_net_at_a_finer_grid(stem_stride, output_stride):
+  """output_stride keeps its dilation pattern under a small stem: every stride divides
+  by 4 / stem_stride, and with the same weights res5 subsampled at the dilated stages'
+  stride equals the undilated small-stem net's res5 (the stride-vs-dilation identity)."""
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(1, 32, 32, 3)), jnp.float32)
+  plain = resnet.ResNet18(width_multiplier=TINY, stem_stride=stem_stride)
+  dilated = resnet.ResNet18(width_multiplier=TINY, stem_stride=stem_stride,
+                            output_stride=output_stride)
+  variables = plain.init(jax.random.key(0), x, train=False)
+  a = plain.apply(variables, x, train=False)
+  b = dilated.apply(variables, x, train=False)
+  s = stem_stride
+  top = output_stride * s // 4
+  assert dilated.feature_strides() == {'stem': min(2, s), 'res2': s, 'res3': 2 * s,
+                                       'res4': min(4 * s, top), 'res5': top}
+  for name, stride in dilated.feature_strides().items():
+    assert b[name].shape[1] == -(-32 // stride), name
+  step = 8 * s // top
+  np.testing.assert_allclose(b['res5'][:, ::step, ::step], a['res5'], rtol=1e-5, atol=1e-5)
 
 
 def test_width_multiplier_and_minimum_width():

@@ -39,7 +39,7 @@ def equivalent(config: ml_collections.ConfigDict) -> str:
     builder = INSTANCE[m.name]
   elif m.name in SEMANTIC:
     wanted = {'backbone': 'resnet50', 'output_stride': 8, 'width_multiplier': 1.0,
-              'input_scales': ()}
+              'input_scales': (), 'stem_stride': 4}
     builder = SEMANTIC[m.name]
   else:
     raise ValueError(f'model.name={m.name!r} has no torchvision equivalent in the benchmark; '

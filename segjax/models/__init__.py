@@ -72,6 +72,7 @@ DEEPLAB_MODELS = {
     'deeplab_v1_msc_largefov': partial(deeplab.DeepLabV1, msc=True),
     'deeplab_v2_aspp_s': deeplab.DeepLabV2,
     'deeplab_v2_aspp_l': deeplab.DeepLabV2,
+    'deeplab_v2_largefov': deeplab.DeepLabV2,
     'deeplab_v3': deeplab.DeepLabV3,
     'deeplab_v3plus': deeplab.DeepLabV3Plus,
 }
@@ -140,6 +141,7 @@ def default_model_config(name: str = 'fcn8s') -> ml_collections.ConfigDict:
       'input_scales': (),     # () = single scale; else starts with 1.0 (v2 MSC)
       'freeze_bn': False,
       'fc_init': 'normal',      # fc6/fc7 (v1 VGG, v2 ASPP): 'normal' N(0, 0.01) | 'he'
+      'stem_stride': 4,         # ResNet backbones: as FCN's (strides, output stride / 4 * s)
   })
 
 
@@ -171,14 +173,17 @@ def supported_output_strides(name: str) -> tuple[int, ...]:
 
 
 def coarse_logits_stride(model_config: ml_collections.ConfigDict) -> int | None:
-  """Stride of the model's 'coarse_logits' (4 for v3+), or None if it has none (FCN)."""
-  if model_config.name in FCN_MODELS:
+  """Stride of the model's 'coarse_logits' (4 for v3+), or None if it has none (FCN).
+
+  A ResNet stem_stride s < 4 divides it by 4 / s (see segjax.models.resnet).
+  """
+  c = model_config
+  if c.name in FCN_MODELS:
     return None
-  if model_config.name in FCN_RESNET_MODELS:
-    return int(model_config.output_stride)
-  if model_config.name == 'deeplab_v3plus':
-    return 4  # the decoder's 'res2' / 'pool2' grid ([v3+] §3.1)
-  return int(model_config.output_stride)
+  s = int(c.get('stem_stride', 4))
+  if c.name == 'deeplab_v3plus':
+    return s  # the decoder's 'res2' / 'pool2' grid ([v3+] §3.1)
+  return int(c.output_stride) * s // 4
 
 
 def _check_number(field: str, value: Any, ok: bool, requirement: str) -> None:
@@ -218,15 +223,12 @@ def validate_model_config(model_config: ml_collections.ConfigDict) -> None:
       raise ValueError(f'model.freeze_bn={c.freeze_bn!r} must be True or False')
     return
   _choice('fc_init', c.fc_init, layers.FC_INITS)
+  _choice('stem_stride', c.stem_stride, resnet.STEM_STRIDES)
+  if c.stem_stride != 4 and _family(c.backbone) != 'resnet':
+    raise ValueError(f'model.stem_stride={c.stem_stride!r} needs a ResNet backbone; '
+                     f'{c.backbone} has no stem to change (use 4)')
   if c.name in FCN_MODELS:
     _choice('upsampling', c.upsampling, UPSAMPLING)
-    _choice('stem_stride', c.stem_stride, resnet.STEM_STRIDES)
-    if c.stem_stride != 4 and _family(c.backbone) != 'resnet':
-      raise ValueError(f'model.stem_stride={c.stem_stride!r} needs a ResNet backbone; '
-                       f'{c.backbone} has no stem to change (use 4)')
-    if c.stem_stride != 4 and c.output_stride != 32:
-      raise ValueError(f'model.stem_stride={c.stem_stride!r} needs model.output_stride=32 '
-                       f'(no dilation), got {c.output_stride}')
     _check_number('fc_kernel_size', c.fc_kernel_size,
                   isinstance(c.fc_kernel_size, numbers.Integral) and c.fc_kernel_size >= 1,
                   'an integer >= 1')

@@ -21,6 +21,8 @@ Models (registry names in `segjax.models.MODELS`):
   deeplab_v2_aspp_s/_l     four parallel branches fc6 (3x3, rate r, 1024) -> fc7 (1x1,
                            1024) -> fc8 (1x1, classes), summed; r = (2, 4, 8, 12) for
                            ASPP-S, (6, 12, 18, 24) for ASPP-L ([v2] §3.2, §4.1, Fig. 7).
+  deeplab_v2_largefov      one such branch at rate 12: the LargeFOV baseline that [v2]
+                           Table 3 compares ASPP against, on any backbone (ResNet too).
   deeplab_v3               torchvision's DeepLabHead: ASPP (1x1, three 3x3 at rates
                            (6, 12, 18) at output stride 16, doubled at 8, image pooling;
                            256 channels with BN, [v3] §3.3) -> 3x3 256 conv/BN/ReLU -> 1x1.
@@ -97,6 +99,7 @@ MSC_WIDTH = 128  # [v1] §4.3: 128 3x3 filters, then 128 1x1 filters per branch.
 # branch is fc6 (3x3, rate r) -> fc7 (1x1) -> fc8 with 1024-channel fc6/fc7 as LargeFOV.
 ASPP_S_RATES = (2, 4, 8, 12)
 ASPP_L_RATES = (6, 12, 18, 24)
+V2_LARGEFOV_RATES = (12,)  # [v2] Table 3: LargeFOV = a single branch at r = 12
 V2_BRANCH_WIDTH = 1024
 
 # [v3] §3.3: rates (6, 12, 18) at output stride 16 "(all with 256 filters and batch
@@ -139,6 +142,8 @@ def default_rates(name: str, output_stride: int) -> tuple[int, ...]:
     return ASPP_S_RATES
   if name == 'deeplab_v2_aspp_l':
     return ASPP_L_RATES
+  if name == 'deeplab_v2_largefov':
+    return V2_LARGEFOV_RATES
   if name in ('deeplab_v3', 'deeplab_v3plus'):
     return tuple(r * 16 // output_stride for r in V3_RATES_OS16)
   raise ValueError(f'{name!r} is not a DeepLab model')

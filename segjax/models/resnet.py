@@ -16,7 +16,8 @@ Every stride-2 op pads symmetrically (PyTorch), so a stride-s map is ceil(H / s)
 §4.2, drop the stem's downsampling) 2 drops the max pool and 1 also makes conv1
 stride 1; every later stride divides by 4 / stem_stride (stem_stride 1: res2 at 1,
 res5 at 8). The weights are the same shapes, so converted checkpoints still load.
-Only with output_stride 32 (no dilation).
+`output_stride` keeps naming the dilation pattern of the standard net, so its strides
+divide too: stem_stride 2 with output_stride 8 dilates res4 and res5 and ends at 4.
 
 output_stride 16 / 8 is torchvision's `replace_stride_with_dilation`
 ((False, False, True) / (False, True, True)): the stage's stride becomes 1, its
@@ -161,16 +162,15 @@ class ResNet(nn.Module):
   def check_stem_stride(self) -> None:
     if self.stem_stride not in STEM_STRIDES:
       raise ValueError(f'stem_stride must be one of {STEM_STRIDES}, got {self.stem_stride}')
-    if self.stem_stride != 4 and self.output_stride != 32:
-      raise ValueError(f'stem_stride={self.stem_stride} needs output_stride 32 (no dilation), '
-                       f'got output_stride {self.output_stride}')
 
   def feature_strides(self) -> dict[str, int]:
     """Stride of every returned feature map w.r.t. the input."""
     self.check_stem_stride()
+    self.replace_stride_with_dilation()  # validates output_stride
     s = self.stem_stride
-    return {'stem': min(2, s), 'res2': s, 'res3': 2 * s, 'res4': min(4 * s, self.output_stride),
-            'res5': min(8 * s, self.output_stride)}
+    top = self.output_stride * s // 4  # output_stride is the stride with the standard stem
+    return {'stem': min(2, s), 'res2': s, 'res3': 2 * s, 'res4': min(4 * s, top),
+            'res5': min(8 * s, top)}
 
   def feature_channels(self) -> dict[str, int]:
     e = self.block_cls.expansion
