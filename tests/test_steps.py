@@ -125,7 +125,10 @@ def test_bind_train_step_reads_the_config():
   config.loss.downsample_labels = True
   config.model.freeze_bn = True
   bound = steps.bind_train_step(config, axis_name=None)
-  assert bound.keywords['label_stride'] == 4 and bound.keywords['freeze_bn'] is True
+  # The preset's stride-2 stem puts v3+'s decoder (and so the labels) at stride 2.
+  assert bound.keywords['label_stride'] == 2 and bound.keywords['freeze_bn'] is True
+  config.model.stem_stride = 4
+  assert steps.bind_train_step(config, axis_name=None).keywords['label_stride'] == 4
   fcn = base_config.fcn_config('fcn8s', 'digit_scenes')
   bound = steps.bind_train_step(fcn, axis_name=None)
   assert bound.keywords['label_stride'] is None and bound.keywords['freeze_bn'] is False
