@@ -9,7 +9,8 @@ Evaluate with the dense CRF (reruns only the evaluation of a finished run):
       --config.eval.crf.enabled=True
 Expected result on digit_scenes: val mIoU 0.083 (all background: the quarter-width VGG-16-BN from
 scratch does not leave the all-background solution in 3,000 steps), 0.083 with the CRF;
-experiments/deeplab_digit_scenes.
+experiments/README.md ("Choosing the DeepLab digit_scenes preset"). On a ResNet, see
+configs/deeplab_v2_largefov.py.
 """
 
 from segjax import base_config

@@ -7,8 +7,8 @@ Paper settings on PASCAL VOC 2012 (build voc_segmentation/aug first: README.md, 
 Evaluate with the dense CRF (reruns only the evaluation of a finished run):
   python -m segjax.main --config=configs/deeplab_v1_msc_largefov.py --workdir=/tmp/deeplab_v1_msc_largefov \\
       --config.eval.crf.enabled=True
-Expected result on digit_scenes: not measured yet (experiments/deeplab_digit_scenes measures
-LargeFOV, ASPP-S, ASPP-L and v3+).
+Expected result on digit_scenes: not measured yet (experiments/README.md, study deeplab_heads,
+measures LargeFOV, ASPP-S, ASPP-L and v3+).
 """
 
 from segjax import base_config

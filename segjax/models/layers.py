@@ -481,7 +481,7 @@ def max_unpool(values: jax.Array, indices: jax.Array,
 # v2 ASPP fc6/fc7). 'normal': N(0, 0.01), VGG's and torchvision's nn.Linear init, the
 # papers' choice when fine-tuning from ImageNet weights. 'he': He et al. 2015 normal
 # (fan in, ReLU gain), the usual choice from scratch. (On digit_scenes, 1,000 steps from
-# scratch, the two gave the same result: experiments/deeplab_digit_scenes.)
+# scratch, the two gave the same result: experiments/README.md, DeepLab preset.)
 FC_INITS = {
     'normal': nn.initializers.normal(0.01),
     'he': nn.initializers.he_normal(),
