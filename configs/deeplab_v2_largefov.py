@@ -10,7 +10,7 @@ Paper settings on PASCAL VOC 2012 (build voc_segmentation/aug first: README.md, 
 Evaluate with the dense CRF (reruns only the evaluation of a finished run):
   python -m segjax.main --config=configs/deeplab_v2_largefov.py --workdir=/tmp/deeplab_v2_largefov \\
       --config.eval.crf.enabled=True
-Expected result on digit_scenes: val mIoU 0.508 (one seed, about 5-8 minutes on the 2-core CPU);
+Expected result on digit_scenes: val mIoU 0.500 (mean of 2 seeds, about 5 minutes on the 2-core CPU);
 experiments/README.md, study deeplab_heads.
 """
 
