@@ -141,7 +141,7 @@ def default_model_config(name: str = 'fcn8s') -> ml_collections.ConfigDict:
       'input_scales': (),     # () = single scale; else starts with 1.0 (v2 MSC)
       'freeze_bn': False,
       'fc_init': 'normal',      # fc6/fc7 (v1 VGG, v2 ASPP): 'normal' N(0, 0.01) | 'he'
-      'stem_stride': 4,         # ResNet backbones: as FCN's (strides, output stride / 4 * s)
+      'stem_stride': 4,         # ResNet only, as FCN's: every stride, the output's too, x s/4
   })
 
 
