@@ -74,21 +74,24 @@ def test_bad_values_are_named_with_valid_choices(field, value, expected):
   assert str(err.value) == expected
 
 
+def _small_stem_outputs(c):
+  """build_model(c) and its output shapes on a 64 x 48 image, without computing them."""
+  model = models.build_model(c, num_classes=3)
+  x = jax.ShapeDtypeStruct((1, 64, 48, 3), jnp.float32)
+  return model, jax.eval_shape(
+      lambda x: model.init_with_output(jax.random.key(0), x, train=False)[0], x)
+
+
 @pytest.mark.parametrize('name', ['fcn32s', 'fcn8s'])
 @pytest.mark.parametrize('stem_stride', [1, 2])
 def test_fcn_with_a_small_stem_keeps_the_input_size(name, stem_stride):
   c = models.default_model_config(name)
   c.backbone, c.width_multiplier, c.stem_stride = 'resnet18', 1 / 16, stem_stride
-  model = models.build_model(c, num_classes=3)
-  x = jax.ShapeDtypeStruct((1, 64, 48, 3), jnp.float32)
-  out = jax.eval_shape(
-      lambda x: model.init_with_output(jax.random.key(0), x, train=False)[0], x)
+  model, out = _small_stem_outputs(c)
   assert out['logits'].shape == (1, 64, 48, 3)
   assert model.backbone.feature_strides()['res5'] == 8 * stem_stride
   c.output_stride = 16  # the dilation pattern of output stride 16, at the finer grid
-  model = models.build_model(c, num_classes=3)
-  out = jax.eval_shape(
-      lambda x: model.init_with_output(jax.random.key(0), x, train=False)[0], x)
+  model, out = _small_stem_outputs(c)
   assert out['logits'].shape == (1, 64, 48, 3)
   assert model.backbone.feature_strides()['res5'] == 4 * stem_stride
 
@@ -99,10 +102,7 @@ def test_fcn_with_a_small_stem_keeps_the_input_size(name, stem_stride):
 def test_deeplab_with_a_small_stem_has_finer_coarse_logits(name, stem_stride):
   c = models.default_model_config(name)
   c.backbone, c.width_multiplier, c.stem_stride = 'resnet18', 1 / 16, stem_stride
-  model = models.build_model(c, num_classes=3)
-  x = jax.ShapeDtypeStruct((1, 64, 48, 3), jnp.float32)
-  out = jax.eval_shape(
-      lambda x: model.init_with_output(jax.random.key(0), x, train=False)[0], x)
+  _, out = _small_stem_outputs(c)
   stride = models.coarse_logits_stride(c)
   assert stride == (stem_stride if name == 'deeplab_v3plus' else 2 * stem_stride)
   assert out['coarse_logits'].shape == (1, 64 // stride, 48 // stride, 3)

@@ -173,17 +173,14 @@ def supported_output_strides(name: str) -> tuple[int, ...]:
 
 
 def coarse_logits_stride(model_config: ml_collections.ConfigDict) -> int | None:
-  """Stride of the model's 'coarse_logits' (4 for v3+), or None if it has none (FCN).
-
-  A ResNet stem_stride s < 4 divides it by 4 / s (see segjax.models.resnet).
-  """
+  """Stride of the model's 'coarse_logits' (v3+: its decoder's low-level map), or None if
+  it has none (FCN); read from the backbone the config builds (stem_stride included)."""
   c = model_config
   if c.name in FCN_MODELS:
     return None
-  s = int(c.get('stem_stride', 4))
-  if c.name == 'deeplab_v3plus':
-    return s  # the decoder's 'res2' / 'pool2' grid ([v3+] §3.1)
-  return int(c.output_stride) * s // 4
+  names = deeplab.FEATURE_NAMES[_family(c.backbone)]
+  key = names.low_level if c.name == 'deeplab_v3plus' else names.top  # [v3+] §3.1
+  return build_backbone(c).feature_strides()[key]
 
 
 def _check_number(field: str, value: Any, ok: bool, requirement: str) -> None:
