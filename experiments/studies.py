@@ -75,10 +75,13 @@ STUDIES = {
         extra_metrics=SEGM_METRICS[1:]),
     # DeepLab v1 (Chen et al. 2015) Table 2: DeepLab-LargeFOV (3x3 fc6 at rate 12, 1024
     # channels) matches a 4096x7x7 fc6 (rate 4) at a fraction of the parameters and time.
+    # Both heads on the deeplab_heads backbone: the quarter-width VGG-16 of the v1
+    # presets stays at the all-background solution (experiments/README.md).
     'deeplab_fc6': Study(
-        'DeepLab v1: 4096-channel 7x7 fc6 vs LargeFOV (1024-channel 3x3 fc6, rate 12)', 'miou',
-        (Variant('fc6_7x7_4096', 'configs/deeplab_v1.py'),
-         Variant('largefov', 'configs/deeplab_v1_largefov.py')),
+        'DeepLab fc6: 4096-channel 7x7 (rate 4) vs LargeFOV (1024-channel 3x3, rate 12) '
+        'on one ResNet', 'miou',
+        (Variant('fc6_7x7_4096', 'configs/deeplab_v2_7x7.py'),
+         Variant('largefov', 'configs/deeplab_v2_largefov.py')),
         extra_metrics=SEGM_METRICS[1:]),
     # DeepLab v2 (Chen et al. 2017) Table 3: ASPP-L > ASPP-S > LargeFOV; v3+ beyond.
     # All four on the same backbone (the presets' eighth-width ResNet-18, stride-2 stem).

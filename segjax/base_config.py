@@ -184,8 +184,8 @@ def deeplab_config(variant: str, preset: str | None) -> ml_collections.ConfigDic
   not state it).
   """
   if variant not in deeplab.V1_FC6 and variant not in (
-      'deeplab_v2_aspp_s', 'deeplab_v2_aspp_l', 'deeplab_v2_largefov', 'deeplab_v3',
-      'deeplab_v3plus'):
+      'deeplab_v2_aspp_s', 'deeplab_v2_aspp_l', 'deeplab_v2_largefov', 'deeplab_v2_7x7',
+      'deeplab_v3', 'deeplab_v3plus'):
     raise ValueError(f'{variant!r} is not a DeepLab model')
   preset = check_preset(preset, DEEPLAB_PRESETS)
   version = ('v1' if variant in deeplab.V1_FC6 else

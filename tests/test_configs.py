@@ -35,7 +35,7 @@ def _all_presets():
 def test_there_are_configs():
   assert {'fcn8s.py', 'fcn16s.py', 'fcn32s.py', 'deeplab_v1.py', 'deeplab_v1_largefov.py',
           'deeplab_v1_msc_largefov.py', 'deeplab_v2_aspp_s.py', 'deeplab_v2_aspp_l.py',
-          'deeplab_v2_largefov.py',
+          'deeplab_v2_largefov.py', 'deeplab_v2_7x7.py',
           'deeplab_v3.py', 'deeplab_v3plus.py'} <= {os.path.basename(p) for p in _CONFIG_FILES}
 
 

@@ -104,6 +104,18 @@ def test_v2_vgg_aspp_parameter_count():
   assert 'fc6' not in params['backbone']
 
 
+def test_v2_7x7_on_vgg_is_deeplab_v1_7x7():
+  # deeplab_v2_7x7 on VGG-16 is DeepLab-CRF-7x7: the same 134.3M parameters (counted by
+  # hand in test_v1_parameter_counts_match_the_paper), fc6 7x7 x 4096 at rate 4.
+  model = models.build_model(tiny_config('deeplab_v2_7x7', backbone='vgg16',
+                                         width_multiplier=1.0), num_classes=21)
+  params = abstract_init(model, (1, 64, 64, 3))['params']
+  assert count(params) == 14_714_688 + 102_764_544 + 16_781_312 + 86_037
+  assert params['aspp_0']['fc6']['kernel'].shape == (7, 7, 512, 4096)
+  assert params['aspp_0']['fc7']['kernel'].shape == (1, 1, 4096, 4096)
+  assert model.atrous_rates == (4,)
+
+
 @pytest.mark.parametrize('backbone,torchvision_total', [
     ('resnet50', 42_004_074),    # torchvision deeplabv3_resnet50 (aux_loss=True), 21 classes
     ('resnet101', 60_996_202),   # torchvision deeplabv3_resnet101
@@ -187,6 +199,7 @@ def test_v1_dilations(name, expected_fc6_rate):
     ('deeplab_v2_aspp_s', 8, (2, 4, 8, 12)),
     ('deeplab_v2_aspp_l', 8, (6, 12, 18, 24)),
     ('deeplab_v2_largefov', 8, (12,)),
+    ('deeplab_v2_7x7', 8, (4,)),
     ('deeplab_v3', 16, (6, 12, 18)),
     ('deeplab_v3', 8, (12, 24, 36)),
 ])

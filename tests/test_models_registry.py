@@ -24,7 +24,7 @@ def test_registries():
   assert set(models.MODELS) == {
       'fcn32s', 'fcn16s', 'fcn8s', 'deeplab_v1', 'deeplab_v1_largefov', 'deeplab_v1_msc',
       'deeplab_v1_msc_largefov', 'deeplab_v2_aspp_s', 'deeplab_v2_aspp_l',
-      'deeplab_v2_largefov', 'deeplab_v3',
+      'deeplab_v2_largefov', 'deeplab_v2_7x7', 'deeplab_v3',
       'deeplab_v3plus', 'fcn_resnet'}
   assert models.UPSAMPLING == ('bilinear', 'deconv', 'deconv_frozen')
 
@@ -48,7 +48,8 @@ def test_every_registry_name_builds(name, backbone):
 @pytest.mark.parametrize('field,value,expected', [
     ('name', 'fcn4s', "model.name='fcn4s' is not valid; choose one of ['deeplab_v1', "
                       "'deeplab_v1_largefov', 'deeplab_v1_msc', 'deeplab_v1_msc_largefov', "
-                      "'deeplab_v2_aspp_l', 'deeplab_v2_aspp_s', 'deeplab_v2_largefov', 'deeplab_v3', "
+                      "'deeplab_v2_7x7', 'deeplab_v2_aspp_l', 'deeplab_v2_aspp_s', "
+                      "'deeplab_v2_largefov', 'deeplab_v3', "
                       "'deeplab_v3plus', 'fcn16s', 'fcn32s', 'fcn8s', 'fcn_resnet']"),
     ('backbone', 'resnet19', "model.backbone='resnet19' is not valid; choose one of "
                              "['resnet101', 'resnet152', 'resnet18', 'resnet34', 'resnet50', "

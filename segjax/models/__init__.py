@@ -73,6 +73,8 @@ DEEPLAB_MODELS = {
     'deeplab_v2_aspp_s': deeplab.DeepLabV2,
     'deeplab_v2_aspp_l': deeplab.DeepLabV2,
     'deeplab_v2_largefov': deeplab.DeepLabV2,
+    'deeplab_v2_7x7': partial(deeplab.DeepLabV2, branch_kernel_size=deeplab.V2_7X7.kernel_size,
+                              branch_width=deeplab.V2_7X7.width),
     'deeplab_v3': deeplab.DeepLabV3,
     'deeplab_v3plus': deeplab.DeepLabV3Plus,
 }

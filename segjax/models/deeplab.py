@@ -23,6 +23,9 @@ Models (registry names in `segjax.models.MODELS`):
                            ASPP-S, (6, 12, 18, 24) for ASPP-L ([v2] §3.2, §4.1, Fig. 7).
   deeplab_v2_largefov      one such branch at rate 12: the LargeFOV baseline that [v2]
                            Table 3 compares ASPP against, on any backbone (ResNet too).
+  deeplab_v2_7x7           one branch with [v1]'s "DeepLab-CRF-7x7" fc6 (7x7, 4096
+                           channels, rate 4; fc7 4096): the head LargeFOV replaced
+                           ([v1] Table 2), on any backbone.
   deeplab_v3               torchvision's DeepLabHead: ASPP (1x1, three 3x3 at rates
                            (6, 12, 18) at output stride 16, doubled at 8, image pooling;
                            256 channels with BN, [v3] §3.3) -> 3x3 256 conv/BN/ReLU -> 1x1.
@@ -101,6 +104,7 @@ ASPP_S_RATES = (2, 4, 8, 12)
 ASPP_L_RATES = (6, 12, 18, 24)
 V2_LARGEFOV_RATES = (12,)  # [v2] Table 3: LargeFOV = a single branch at r = 12
 V2_BRANCH_WIDTH = 1024
+V2_7X7 = V1_FC6['deeplab_v1']  # deeplab_v2_7x7: [v1]'s 7x7 x 4096 fc6 at rate 4, one branch
 
 # [v3] §3.3: rates (6, 12, 18) at output stride 16 "(all with 256 filters and batch
 # normalization)"; "the rates are doubled when output stride = 8".
@@ -144,6 +148,8 @@ def default_rates(name: str, output_stride: int) -> tuple[int, ...]:
     return ASPP_L_RATES
   if name == 'deeplab_v2_largefov':
     return V2_LARGEFOV_RATES
+  if name == 'deeplab_v2_7x7':
+    return (V2_7X7.rate,)
   if name in ('deeplab_v3', 'deeplab_v3plus'):
     return tuple(r * 16 // output_stride for r in V3_RATES_OS16)
   raise ValueError(f'{name!r} is not a DeepLab model')
@@ -377,11 +383,18 @@ class DeepLabV1(DeepLab):
 
 
 class DeepLabV2(DeepLab):
-  """DeepLab v2 ASPP ([v2] §3.2): one `FCBranch` per rate on the top features, summed."""
+  """DeepLab v2 ASPP ([v2] §3.2): one `FCBranch` per rate on the top features, summed.
+
+  `branch_kernel_size` / `branch_width`: every branch's fc6 kernel and fc6/fc7 channels
+  (before width scaling); 3 and 1024 are [v2]'s, 7 and 4096 make `deeplab_v2_7x7`.
+  """
+  branch_kernel_size: int = 3
+  branch_width: int = V2_BRANCH_WIDTH
 
   def make_head(self, *, train: bool, bn_train: bool) -> HeadFn:
     del bn_train
-    branches = [FCBranch(self.num_classes, self.width(V2_BRANCH_WIDTH), rate,
+    branches = [FCBranch(self.num_classes, self.width(self.branch_width), rate,
+                         kernel_size=self.branch_kernel_size,
                          dropout_rate=self.dropout_rate, fc_init=self.fc_init, dtype=self.dtype,
                          name=f'aspp_{i}')
                 for i, rate in enumerate(self.atrous_rates)]
