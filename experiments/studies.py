@@ -78,8 +78,7 @@ STUDIES = {
     # Both heads on the deeplab_heads backbone: the quarter-width VGG-16 of the v1
     # presets stays at the all-background solution (experiments/README.md).
     'deeplab_fc6': Study(
-        'DeepLab fc6: 4096-channel 7x7 (rate 4) vs LargeFOV (1024-channel 3x3, rate 12) '
-        'on one ResNet', 'miou',
+        'DeepLab fc6: 7x7x4096 rate 4 vs LargeFOV 3x3x1024 rate 12 (one ResNet)', 'miou',
         (Variant('fc6_7x7_4096', 'configs/deeplab_v2_7x7.py'),
          Variant('largefov', 'configs/deeplab_v2_largefov.py')),
         extra_metrics=SEGM_METRICS[1:]),
