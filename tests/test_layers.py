@@ -115,6 +115,34 @@ def test_conv_transpose_torch_semantics_with_asymmetric_kernel(stride, k, crop):
                              atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize('stride,k,crop,depthwise', [
+    (2, 2, 0, False),   # Mask R-CNN's conv5_mask
+    (2, 4, 1, False),   # FCN's 2x deconvolution
+    (3, 5, 1, False), (2, 3, 0, False), (8, 16, 4, False),
+    (2, 4, 1, True), (4, 8, 2, True)])
+def test_conv_transpose_torch_gradients_equal_those_of_the_plain_lax_conv(stride, k, crop,
+                                                                          depthwise):
+  # The kernel gradient is a custom per-tap matmul (layers._deconv_kernel_grad); both
+  # gradients must equal jax.grad of the plain input-dilated lax convolution.
+  rng = np.random.default_rng(k)
+  x = jnp.asarray(rng.normal(size=(2, 5, 3, 4)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(k, k, 1 if depthwise else 4, 4 if depthwise else 6)),
+                  jnp.float32)
+  out_shape = layers.conv_transpose_torch(x, w, stride, crop, depthwise=depthwise).shape
+  probe = jnp.asarray(rng.normal(size=out_shape), jnp.float32)  # a non-uniform cotangent
+
+  def loss(fn):
+    return lambda x, w: jnp.sum(probe * fn(x, w))
+  got = jax.grad(loss(lambda x, w: layers.conv_transpose_torch(
+      x, w, stride, crop, depthwise=depthwise)), argnums=(0, 1))(x, w)
+  want = jax.grad(loss(lambda x, w: layers._conv_transpose_lax(  # pylint: disable=protected-access
+      x, w, stride, crop, depthwise)), argnums=(0, 1))(x, w)
+  for g, r in zip(got, want):
+    assert g.shape == r.shape
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-4)
+  assert float(jnp.max(jnp.abs(want[1]))) > 1.0  # not a vacuous comparison of zeros
+
+
 @pytest.mark.parametrize('learnable', [True, False])
 @pytest.mark.parametrize('factor', [2, 3, 4, 8])
 def test_bilinear_deconv_equals_bilinear_resize_on_interior(factor, learnable):
