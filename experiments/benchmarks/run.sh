@@ -16,7 +16,9 @@ $B $DEEPLAB --mode=infer $SEG --json=$R/deeplabv3_infer.json
 $B $DEEPLAB --mode=train $SEG --json=$R/deeplabv3_train.json
 $B $DEEPLAB --mode=infer --batch_size=2 --image_size=320,320 --compare=torchvision --steps=7 --json=$R/deeplabv3_infer_rerun.json
 $B $MRCNN --mode=infer --json=$R/maskrcnn_infer.json
-$B $MRCNN --mode=train --json=$R/maskrcnn_train.json
+$B $MRCNN --mode=train --json=$R/maskrcnn_train_taps_in_switch.json   # maskrcnn_train.json: the same before the fix
+$B $MRCNN --mode=train --conv_weight_grad=taps_1x1 --json=$R/maskrcnn_train_taps_in_switch_taps_1x1.json
+python -m segjax.benchmarks.nested_conv_bench > $R/nested_conv_bench.md
 $B --workload=roi_align --compare=torchvision --steps=7 --json=$R/roi_align.json
 $B --workload=roi_align --roi_sampling_ratio=-1 --compare=torchvision --steps=7 --json=$R/roi_align_adaptive.json
 # Memory: each side in its own process (what --memory does after a timed run).
