@@ -423,3 +423,48 @@ def test_mask_slot_buckets_give_the_same_loss_and_gradients(name):
   # compare each leaf's error to its norm; a dropped positive would change it by O(1).
   for a, b in zip(jax.tree_util.tree_leaves(g_bucketed), jax.tree_util.tree_leaves(g_reference)):
     assert np.linalg.norm(a - b) <= 1e-3 * np.linalg.norm(b) + 1e-9, (a.shape,)
+
+
+def _kernel_grad_convs_in_conds(jaxpr, inside=False):
+  """Output shapes of the convolutions computing a filter gradient (output [k, k, C_in,
+  C_out]; activations here are [slots >= 16, H, W, C]) inside `cond` branches."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if inside and eqn.primitive.name == 'conv_general_dilated':
+      shape = eqn.outvars[0].aval.shape
+      if shape[0] == shape[1] and shape[0] <= 3:
+        found.append(shape)
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else (param,):
+        sub = getattr(sub, 'jaxpr', sub)
+        if hasattr(sub, 'eqns'):
+          found += _kernel_grad_convs_in_conds(sub, inside or eqn.primitive.name == 'cond')
+  return found
+
+
+def test_mask_branch_in_the_bucket_switch_has_no_xla_filter_gradient_convs():
+  # XLA CPU runs a conv's own filter gradient ~80x slower inside a conditional
+  # (segjax.benchmarks.nested_conv_bench), so with buckets the mask branch computes
+  # filter gradients as per-tap matmuls; without buckets (no switch) XLA's are used.
+  _, variables = _model_and_variables('mask_rcnn')
+  keys = jax.random.split(jax.random.PRNGKey(3), 2)
+  c = tiny_config('mask_rcnn')
+  c.box_batch_size_per_image = 128
+
+  def loss_fn(params, m):
+    out, _ = m.apply({'params': params, 'batch_stats': variables['batch_stats']}, _images(),
+                     train=True, targets=_targets((True, True)), sampling_keys=keys,
+                     mutable=['batch_stats'])
+    return mr.finalize_losses(out['loss_terms'])['loss']
+
+  model = mr.build_detector(c, num_classes=NUM_CLASSES)
+  jaxpr = jax.make_jaxpr(jax.grad(loss_fn), static_argnums=1)(variables['params'], model)
+  assert any(e.primitive.name == 'cond' for e in jaxpr.jaxpr.eqns)
+  assert _kernel_grad_convs_in_conds(jaxpr.jaxpr) == []
+  # The check detects XLA's filter gradient of a conv inside a switch.
+  def switched(w, x, i):
+    conv = lambda w, x: jnp.sum(jax.lax.conv_general_dilated(
+        x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
+    return jax.lax.switch(i, [conv, conv], w, x)
+  plain = jax.make_jaxpr(jax.grad(switched))(jnp.ones((3, 3, 4, 4)), jnp.ones((16, 8, 8, 4)), 0)
+  assert set(_kernel_grad_convs_in_conds(plain.jaxpr)) == {(3, 3, 4, 4)}  # one per branch
