@@ -47,7 +47,7 @@ def data_dir(tmp_path_factory):
 
 
 def test_there_is_a_run_per_deeplab_config():
-  assert len(_DEEPLAB_CONFIGS) == 8
+  assert len(_DEEPLAB_CONFIGS) == 9
 
 
 @pytest.mark.parametrize('path', _DEEPLAB_CONFIGS, ids=os.path.basename)
