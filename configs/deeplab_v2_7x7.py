@@ -3,6 +3,8 @@
 DeepLab v1's "DeepLab-CRF-7x7" head (configs/deeplab_v1.py, VGG only) as a DeepLab v2
 model, so it can be compared with LargeFOV (configs/deeplab_v2_largefov.py) on the same
 ResNet: the head LargeFOV replaced at a fraction of the parameters.
+On ResNet-101 (the voc preset) res5's 2,048 channels make fc6 alone 411M parameters
+(7 x 7 x 2048 x 4096; on VGG-16's 512-channel pool5 it is 103M).
 
 Train and evaluate on the embedded digit_scenes dataset (built on first use):
   python -m segjax.main --config=configs/deeplab_v2_7x7.py --workdir=/tmp/deeplab_v2_7x7
