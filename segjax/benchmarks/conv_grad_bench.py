@@ -12,13 +12,11 @@ per-tap matmuls) as GFLOP/s (2 * B * Ho * Wo * kh * kw * C * K FLOPs each), medi
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
-from segjax.benchmarks.measure import matmul_peak_gflops
+from segjax.benchmarks.measure import matmul_peak_gflops, median_seconds
 from segjax.models import layers
 
 # (name, batch, H, W, C, K, kernel, stride, dilation)
@@ -33,16 +31,6 @@ SHAPES = (
     ('ASPP 3x3 2048->256 d12', 2, 40, 40, 2048, 256, 3, 1, 12),
     ('stem 7x7/2 3->64', 2, 320, 320, 3, 64, 7, 2, 1),
 )
-
-
-def _median_seconds(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def measure_shape(batch, height, width, cin, cout, k, stride, dilation, repeats=5,
@@ -62,10 +50,10 @@ def measure_shape(batch, height, width, cin, cout, k, stride, dilation, repeats=
   taps_filter = jax.jit(lambda x_, g: layers.filter_grad_taps(x_, g, w.shape, strides,
                                                               padding, dil))
   return {
-      'forward': flops / _median_seconds(lambda: forward(x, w), repeats) / 1e9,
-      'input_grad': flops / _median_seconds(lambda: input_grad(x, w, dy), repeats) / 1e9,
-      'filter_grad_xla': flops / _median_seconds(lambda: xla_filter(x, w, dy), repeats) / 1e9,
-      'filter_grad_taps': flops / _median_seconds(lambda: taps_filter(x, dy), repeats) / 1e9,
+      'forward': flops / median_seconds(lambda: forward(x, w), repeats) / 1e9,
+      'input_grad': flops / median_seconds(lambda: input_grad(x, w, dy), repeats) / 1e9,
+      'filter_grad_xla': flops / median_seconds(lambda: xla_filter(x, w, dy), repeats) / 1e9,
+      'filter_grad_taps': flops / median_seconds(lambda: taps_filter(x, dy), repeats) / 1e9,
   }
 
 

@@ -104,6 +104,18 @@ def time_step(workload: Workload) -> float:
   return time.perf_counter() - start
 
 
+def median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+  """Median wall time of `fn()` over `repeats` calls after one warm-up call (compiles);
+  a returned JAX value is waited for (`jax.block_until_ready`)."""
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
 def summary(times: Sequence[float]) -> dict[str, float]:
   return {'median_s': statistics.median(times), 'min_s': min(times), 'max_s': max(times),
           'n': len(times)}

@@ -16,25 +16,18 @@ Prints a markdown table of median milliseconds.
 from __future__ import annotations
 
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from segjax.benchmarks.measure import median_seconds
 from segjax.models import layers
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
-def _median_ms(fn, *args, repeats: int = 3) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times))
+def _median_ms(fn, *args) -> float:
+  return 1e3 * median_seconds(lambda: fn(*args), repeats=3)
 
 
 def _conv(x, w, taps: bool):

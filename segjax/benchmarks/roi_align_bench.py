@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from segjax.benchmarks.measure import median_seconds
 from segjax.models.detection.roi_align import roi_align
 
 BATCH, ROIS_PER_IMAGE, SIZE, CHANNELS, OUTPUT, SCALE = 2, 256, 64, 256, 7, 0.25
@@ -42,16 +41,6 @@ def make_inputs(seed: int = 0):
   boxes = np.concatenate([xy, xy + wh], axis=-1).astype(np.float32)
   grad_out = rng.normal(size=(BATCH, ROIS_PER_IMAGE, OUTPUT, OUTPUT, CHANNELS))
   return features, boxes, grad_out.astype(np.float32)
-
-
-def median_seconds(fn, repeats: int) -> float:
-  fn()  # warm-up (and compilation)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def jax_timings(features, boxes, grad_out, impl: str, sampling_ratio: int, repeats: int):
