@@ -122,7 +122,7 @@ def test_conv_transpose_torch_semantics_with_asymmetric_kernel(stride, k, crop):
     (2, 4, 1, True), (4, 8, 2, True)])
 def test_conv_transpose_torch_gradients_equal_those_of_the_plain_lax_conv(stride, k, crop,
                                                                           depthwise):
-  # The kernel gradient is a custom per-tap matmul (layers._deconv_kernel_grad); both
+  # The kernel gradient is a custom per-tap matmul (layers.filter_grad_taps); both
   # gradients must equal jax.grad of the plain input-dilated lax convolution.
   rng = np.random.default_rng(k)
   x = jnp.asarray(rng.normal(size=(2, 5, 3, 4)), jnp.float32)

@@ -68,7 +68,7 @@ def deconv_rows(rois: int = 128) -> list[tuple[str, float]]:
   """(setting, ms) of conv5_mask's forward + kernel gradient on rois x 14x14x256."""
   x = jax.random.normal(jax.random.key(0), (rois, 14, 14, 256))
   k = jax.random.normal(jax.random.key(1), (2, 2, 256, 256)) * 0.02
-  plain = lambda k, x: jnp.sum(layers._conv_transpose_lax(x, k, 2, 0, False) ** 2)  # pylint: disable=protected-access
+  plain = lambda k, x: jnp.sum(layers._conv_transpose_lax(x, k, 2, 0) ** 2)  # pylint: disable=protected-access
   taps = lambda k, x: jnp.sum(layers.conv_transpose_torch(x, k, 2, 0) ** 2)
   return [('lax conv (input dilation), XLA kernel gradient', _median_ms(jax.jit(jax.grad(plain)), k, x)),
           ('conv_transpose_torch, per-tap kernel gradient', _median_ms(jax.jit(jax.grad(taps)), k, x))]
