@@ -5,7 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from segjax.data.pipeline import default_dataset_config
-from segjax.models import crf, deeplab, default_model_config
+from segjax.models import DEEPLAB_MODELS, crf, deeplab, default_model_config
 from segjax.train import init_from
 
 
@@ -183,10 +183,9 @@ def deeplab_config(variant: str, preset: str | None) -> ml_collections.ConfigDic
   Crops are 321 x 321 for v1/v2 (the released DeepLab v2 models' crop; the papers do
   not state it).
   """
-  if variant not in deeplab.V1_FC6 and variant not in (
-      'deeplab_v2_aspp_s', 'deeplab_v2_aspp_l', 'deeplab_v2_largefov', 'deeplab_v2_7x7',
-      'deeplab_v3', 'deeplab_v3plus'):
-    raise ValueError(f'{variant!r} is not a DeepLab model')
+  if variant not in DEEPLAB_MODELS:
+    raise ValueError(f'{variant!r} is not a DeepLab model; choose one of '
+                     f'{sorted(DEEPLAB_MODELS)}')
   preset = check_preset(preset, DEEPLAB_PRESETS)
   version = ('v1' if variant in deeplab.V1_FC6 else
              'v2' if variant.startswith('deeplab_v2') else 'v3')

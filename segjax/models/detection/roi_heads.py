@@ -147,19 +147,14 @@ class FastRCNNPredictor(nn.Module):
 
 
 class MaskRCNNHeads(nn.Module):
-  """Four 3x3 convs + ReLU (mask_fcn1..4), torchvision's MaskRCNNHeads.
-
-  `weight_grad`: the convs' filter gradient (`layers.conv2d`); None = the context's.
-  """
+  """Four 3x3 convs + ReLU (mask_fcn1..4), torchvision's MaskRCNNHeads."""
   channels: int = 256
   dtype: Any = jnp.float32
-  weight_grad: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     for i in range(1, 5):
-      x = nn.relu(layers.conv2d(self.channels, 3, dtype=self.dtype, name=f'mask_fcn{i}',
-                                weight_grad=self.weight_grad)(x))
+      x = nn.relu(layers.conv2d(self.channels, 3, dtype=self.dtype, name=f'mask_fcn{i}')(x))
     return x
 
 
@@ -168,7 +163,6 @@ class MaskRCNNPredictor(nn.Module):
   num_classes: int
   channels: int = 256
   dtype: Any = jnp.float32
-  weight_grad: str | None = None  # mask_fcn_logits' filter gradient, as MaskRCNNHeads'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -178,8 +172,7 @@ class MaskRCNNPredictor(nn.Module):
                         (2, 2, x.shape[-1], self.channels))
     bias = self.param('conv5_mask_bias', nn.initializers.zeros, (self.channels,))
     x = nn.relu(layers.conv_transpose_torch(x, kernel.astype(self.dtype), 2, 0) + bias)
-    x = layers.conv2d(self.num_classes, 1, dtype=self.dtype, name='mask_fcn_logits',
-                      weight_grad=self.weight_grad)(x)
+    x = layers.conv2d(self.num_classes, 1, dtype=self.dtype, name='mask_fcn_logits')(x)
     return x.reshape(lead + x.shape[1:]).astype(jnp.float32)
 
 
@@ -189,7 +182,6 @@ class MaskIoUHead(nn.Module):
   channels: int = 256
   representation_size: int = 1024
   dtype: Any = jnp.float32
-  weight_grad: str | None = None  # the convs' filter gradient, as MaskRCNNHeads'
 
   @nn.compact
   def __call__(self, features: jax.Array, mask_probs: jax.Array) -> jax.Array:
@@ -201,7 +193,7 @@ class MaskIoUHead(nn.Module):
     x = jnp.concatenate([x, m], axis=-1)
     for i in range(1, 5):
       x = nn.relu(layers.conv2d(self.channels, 3, strides=2 if i == 4 else 1, dtype=self.dtype,
-                                name=f'maskiou_fcn{i}', weight_grad=self.weight_grad)(x))
+                                name=f'maskiou_fcn{i}')(x))
     x = x.reshape(x.shape[0], -1)
     for i in (1, 2):
       x = nn.relu(nn.Dense(self.representation_size, dtype=self.dtype,
@@ -321,19 +313,13 @@ class RoIHeads(nn.Module):
   def setup(self):
     self.box_head = TwoMLPHead(self.representation_size, dtype=self.dtype)
     self.box_predictor = FastRCNNPredictor(self.num_classes, dtype=self.dtype)
-    # Inside the buckets' switch, XLA CPU runs a convolution's own filter gradient ~80x
-    # slower than outside (3.8 s vs 45 ms, 3x3x256 conv on 16 RoIs of 14x14, measured
-    # in experiments/benchmarks/README.md); per-tap matmuls stay fast there.
-    grad = 'taps' if len(self.config.mask_bucket_sizes) > 1 else None
     if self.with_mask:
-      self.mask_head = MaskRCNNHeads(self.mask_head_channels, dtype=self.dtype,
-                                     weight_grad=grad)
+      self.mask_head = MaskRCNNHeads(self.mask_head_channels, dtype=self.dtype)
       self.mask_predictor = MaskRCNNPredictor(self.num_classes, self.mask_head_channels,
-                                              dtype=self.dtype, weight_grad=grad)
+                                              dtype=self.dtype)
     if self.with_maskiou:
       self.maskiou_head = MaskIoUHead(self.num_classes, self.mask_head_channels,
-                                      self.representation_size, dtype=self.dtype,
-                                      weight_grad=grad)
+                                      self.representation_size, dtype=self.dtype)
 
   def _pool(self, features, boxes, size):
     levels = [features[name] for name in ROI_FEATURES]
@@ -398,7 +384,11 @@ class RoIHeads(nn.Module):
     if len(branches) == 1:
       mask_terms = branches[0](self, *operands)
     else:
-      mask_terms = nn.switch(index, branches, self, *operands)
+      # Inside a conditional XLA CPU runs a conv's own filter gradient ~80x slower than
+      # outside (3.8 s vs 45 ms, 3x3x256 conv on 16 RoIs of 14x14;
+      # segjax.benchmarks.nested_conv_bench); per-tap matmuls stay fast there.
+      with layers.conv_weight_grad('taps'):
+        mask_terms = nn.switch(index, branches, self, *operands)
     terms.update(mask_terms)
     return terms
 
