@@ -316,7 +316,7 @@ def test_freeze_bn_uses_and_keeps_running_statistics():
      "unknown model config field(s) ['upsampling'] for model.name='deeplab_v3'; known "
      "fields are ['atrous_rates', 'aux_loss', 'backbone', 'dropout_rate', 'dtype', "
      "'fc_init', 'freeze_bn', 'input_scales', 'name', 'output_stride', "
-     "'stem_stride', 'width_multiplier']"),
+     "'stage_width_multipliers', 'stem_stride', 'width_multiplier']"),
 ])
 def test_bad_deeplab_values_are_named(name, field, value, expected):
   config = models.default_model_config(name)

@@ -14,7 +14,7 @@ def test_default_model_config():
       'name': 'fcn8s', 'backbone': 'vgg16', 'width_multiplier': 1.0,
       'output_stride': 32, 'upsampling': 'deconv', 'aux_loss': False,
       'fc_kernel_size': 7, 'dtype': 'float32', 'dropout_rate': 0.5, 'fc_init': 'normal',
-      'stem_stride': 4}
+      'stem_stride': 4, 'stage_width_multipliers': ()}
   models.validate_model_config(c)
 
 
@@ -65,6 +65,9 @@ def test_every_registry_name_builds(name, backbone):
     ('stem_stride', 3, 'model.stem_stride=3 is not valid; choose one of [1, 2, 4]'),
     ('stem_stride', 2, "model.stem_stride=2 needs a ResNet backbone; vgg16 has no stem to "
                        "change (use 4)"),
+    ('stage_width_multipliers', (0.5,) * 4,
+     'model.stage_width_multipliers=(0.5, 0.5, 0.5, 0.5) needs a ResNet backbone; use () '
+     'with vgg16'),
 ])
 def test_bad_values_are_named_with_valid_choices(field, value, expected):
   c = models.default_model_config()
@@ -111,6 +114,33 @@ def test_deeplab_with_a_small_stem_has_finer_coarse_logits(name, stem_stride):
   c.backbone = 'vgg16_bn'
   with pytest.raises(ValueError, match=f'model.stem_stride={stem_stride} needs a ResNet'):
     models.build_model(c, num_classes=3)
+
+
+@pytest.mark.parametrize('value', [(0.5, 0.5, 0.5), (0.5, 0.5, 0.0, 0.5),
+                                   (0.5, True, 0.5, 0.5)])
+def test_bad_stage_width_multipliers_are_named(value):
+  c = models.default_model_config('fcn8s')
+  c.backbone, c.stage_width_multipliers = 'resnet18', value
+  with pytest.raises(ValueError) as err:
+    models.build_model(c, num_classes=3)
+  assert str(err.value) == (f'model.stage_width_multipliers={value!r} must be () or 4 '
+                            'numbers > 0 (res2..res5)')
+
+
+@pytest.mark.parametrize('name', ['fcn8s', 'deeplab_v3plus'])
+def test_stage_width_multipliers_widen_only_the_stages(name):
+  c = models.default_model_config(name)
+  c.backbone, c.width_multiplier, c.stem_stride = 'resnet18', 1 / 8, 1
+  c.stage_width_multipliers = (1 / 8, 1 / 8, 1 / 4, 1 / 2)
+  model, out = _small_stem_outputs(c)
+  assert out['logits'].shape == (1, 64, 48, 3)
+  assert model.backbone.feature_channels() == {'stem': 8, 'res2': 8, 'res3': 16,
+                                               'res4': 64, 'res5': 256}
+  params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
+                          jnp.zeros((1, 64, 48, 3)))['params']['backbone']
+  assert params['conv1']['kernel'].shape == (7, 7, 3, 8)
+  assert params['layer3_0']['conv1']['kernel'].shape == (3, 3, 16, 64)
+  assert params['layer4_1']['conv2']['kernel'].shape == (3, 3, 256, 256)
 
 
 def test_unknown_and_missing_fields():

@@ -130,6 +130,9 @@ def default_model_config(name: str = 'fcn8s') -> ml_collections.ConfigDict:
         # ResNet backbones: 4 = torchvision's stem (conv /2 + max pool /2); 2 drops the
         # max pool, 1 also conv1's stride (small images; every stride divides by 4/s).
         'stem_stride': 4,
+        # ResNet only: () or one width multiplier per stage res2..res5, replacing
+        # width_multiplier there (the stem keeps it).
+        'stage_width_multipliers': (),
     })
   return ml_collections.ConfigDict({
       'name': name,
@@ -144,6 +147,7 @@ def default_model_config(name: str = 'fcn8s') -> ml_collections.ConfigDict:
       'freeze_bn': False,
       'fc_init': 'normal',      # fc6/fc7 (v1 VGG, v2 ASPP): 'normal' N(0, 0.01) | 'he'
       'stem_stride': 4,         # ResNet only, as FCN's: every stride, the output's too, x s/4
+      'stage_width_multipliers': (),  # ResNet only, as FCN's
   })
 
 
@@ -226,6 +230,14 @@ def validate_model_config(model_config: ml_collections.ConfigDict) -> None:
   if c.stem_stride != 4 and _family(c.backbone) != 'resnet':
     raise ValueError(f'model.stem_stride={c.stem_stride!r} needs a ResNet backbone; '
                      f'{c.backbone} has no stem to change (use 4)')
+  stage = tuple(c.stage_width_multipliers)
+  if stage and _family(c.backbone) != 'resnet':
+    raise ValueError(f'model.stage_width_multipliers={stage!r} needs a ResNet backbone; '
+                     f'use () with {c.backbone}')
+  if stage and (len(stage) != len(resnet.STAGE_WIDTHS) or any(
+      isinstance(m, bool) or not isinstance(m, numbers.Real) or not m > 0 for m in stage)):
+    raise ValueError(f'model.stage_width_multipliers={stage!r} must be () or '
+                     f'{len(resnet.STAGE_WIDTHS)} numbers > 0 (res2..res5)')
   if c.name in FCN_MODELS:
     _choice('upsampling', c.upsampling, UPSAMPLING)
     _check_number('fc_kernel_size', c.fc_kernel_size,
@@ -279,7 +291,8 @@ def build_backbone(model_config: ml_collections.ConfigDict, *,
   if _family(c.backbone) == 'vgg':  # fcn_resnet has no VGG backbone (validated)
     kwargs.update(dropout_rate=float(c.dropout_rate), fc_init=c.fc_init, **_vgg_fc(c))
   elif 'stem_stride' in c:
-    kwargs.update(stem_stride=int(c.stem_stride))
+    kwargs.update(stem_stride=int(c.stem_stride), stage_width_multipliers=tuple(
+        float(m) for m in c.stage_width_multipliers))
   return BACKBONES[c.backbone](**kwargs)
 
 

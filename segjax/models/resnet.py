@@ -138,6 +138,9 @@ class ResNet(nn.Module):
     stage_sizes: blocks per stage, e.g. (3, 4, 6, 3) for ResNet-50.
     block_cls: BasicBlock or Bottleneck.
     width_multiplier: scales every channel count (min 8 for the 3x3 width).
+    stage_width_multipliers: () or one multiplier per stage (res2..res5), replacing
+      width_multiplier for the stages (the stem keeps width_multiplier). Deep stages run
+      on small maps, so widening only them adds capacity at little cost.
     output_stride: 32, 16 or 8 via dilation (see module docstring).
     stem_stride: 4 (conv1 /2, max pool /2), 2 (no max pool) or 1 (neither).
     zero_init_residual: last BN gamma of each block starts at 0 (torchvision option).
@@ -147,6 +150,7 @@ class ResNet(nn.Module):
   stage_sizes: tuple[int, ...]
   block_cls: type[nn.Module]
   width_multiplier: float = 1.0
+  stage_width_multipliers: tuple[float, ...] = ()
   output_stride: int = 32
   stem_stride: int = 4
   zero_init_residual: bool = False
@@ -163,6 +167,15 @@ class ResNet(nn.Module):
     if self.stem_stride not in STEM_STRIDES:
       raise ValueError(f'stem_stride must be one of {STEM_STRIDES}, got {self.stem_stride}')
 
+  def stage_planes(self) -> tuple[int, ...]:
+    """Planes (3x3 width) of each stage after the width multipliers."""
+    multipliers = tuple(self.stage_width_multipliers) or (self.width_multiplier,) * len(
+        STAGE_WIDTHS)
+    if len(multipliers) != len(STAGE_WIDTHS) or not all(m > 0 for m in multipliers):
+      raise ValueError(f'stage_width_multipliers must be () or {len(STAGE_WIDTHS)} numbers '
+                       f'> 0, got {self.stage_width_multipliers!r}')
+    return tuple(scale_width(w, m) for w, m in zip(STAGE_WIDTHS, multipliers))
+
   def feature_strides(self) -> dict[str, int]:
     """Stride of every returned feature map w.r.t. the input."""
     self.check_stem_stride()
@@ -175,8 +188,8 @@ class ResNet(nn.Module):
   def feature_channels(self) -> dict[str, int]:
     e = self.block_cls.expansion
     channels = {'stem': scale_width(STEM_WIDTH, self.width_multiplier)}
-    for i, w in enumerate(STAGE_WIDTHS):
-      channels[f'res{i + 2}'] = scale_width(w, self.width_multiplier) * e
+    for i, planes in enumerate(self.stage_planes()):
+      channels[f'res{i + 2}'] = planes * e
     return channels
 
   @nn.compact
@@ -195,8 +208,7 @@ class ResNet(nn.Module):
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
     dilation = 1
-    for i, (n_blocks, width) in enumerate(zip(self.stage_sizes, STAGE_WIDTHS)):
-      planes = scale_width(width, self.width_multiplier)
+    for i, (n_blocks, planes) in enumerate(zip(self.stage_sizes, self.stage_planes())):
       strides = 1 if i == 0 else 2
       previous_dilation = dilation
       if dilate[i]:
