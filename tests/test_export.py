@@ -16,8 +16,10 @@ from segjax.train import checkpoints, detection_trainer, steps, trainer
 
 _STEPS = 4
 # The tiny FCN-8s of tests/test_main.py; every field both segjax.main and export get.
+# One test scale: the preset's three (eval.tta) export probabilities, not logits.
 _TINY = {'dataset.name': 'digit_scenes/tiny', 'model.backbone': 'resnet18',
-         'model.width_multiplier': 0.125, 'dataset.crop_size': (32, 32)}
+         'model.width_multiplier': 0.125, 'dataset.crop_size': (32, 32),
+         'eval.tta.scales': (1.0,)}
 _SIZE = 64  # the exported input: dataset.eval_pad_size
 _CONFIG = os.path.join(os.path.dirname(__file__), '..', 'configs', 'fcn8s.py')
 
@@ -37,8 +39,11 @@ def _run(args):
 def _tiny_config():
   config = fcn_config('fcn8s', None)
   for field, value in _TINY.items():
-    section, name = field.split('.')
-    config[section][name] = value
+    *sections, name = field.split('.')
+    node = config
+    for section in sections:
+      node = node[section]
+    node[name] = value
   return config
 
 
