@@ -22,8 +22,9 @@ _CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
 NUM_CLASSES = 11  # digit_scenes: background + 10 digits
 
 # Tiny models on digit_scenes/tiny, as CLI overrides and as config fields.
+# One test scale: the references below are the plain model's argmax.
 _SEMANTIC = {'dataset.name': 'digit_scenes/tiny', 'model.width_multiplier': 0.125,
-             'dataset.crop_size': (32, 32)}
+             'dataset.crop_size': (32, 32), 'eval.tta.scales': (1.0,)}
 _INSTANCE = {
     'dataset.name': 'digit_scenes/tiny', 'model.width_multiplier': 0.125,
     'model.fpn_channels': 16, 'model.representation_size': 32, 'model.mask_head_channels': 8,
@@ -38,8 +39,11 @@ def _config(name, fields, data_dir):
   spec.loader.exec_module(module)
   config = module.get_config()
   for field, value in fields.items():
-    section, key = field.split('.')
-    config[section][key] = value
+    *sections, key = field.split('.')
+    node = config
+    for section in sections:
+      node = node[section]
+    node[key] = value
   config.dataset.data_dir = data_dir
   return config
 
