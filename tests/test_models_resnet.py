@@ -168,11 +168,16 @@ def test_dilated_network_subsampled_equals_strided_network(ctor):
   out = {os: m.apply(variables, x, train=False) for os, m in nets.items()}
   ref = out[32]['res5']
   assert out[8]['res5'].shape[1:3] == (4 * ref.shape[1] - 1, 4 * ref.shape[2] - 3)
-  assert float(jnp.abs(ref).max()) > 0.1
-  np.testing.assert_allclose(out[8]['res5'][:, ::4, ::4], ref, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(out[16]['res5'][:, ::2, ::2], ref, rtol=1e-4, atol=1e-4)
+  scale = float(jnp.abs(ref).max())
+  assert scale > 0.1
+  # The random BN scales grow ResNet-50's res5 to ~2e3, where float32 rounding of the
+  # different summation orders reaches ~4e-4 (1.6e-7 of the scale): near-zero elements
+  # get an absolute tolerance relative to the map's scale. A wrong alignment is O(scale).
+  atol = 1e-4 + 1e-6 * scale
+  np.testing.assert_allclose(out[8]['res5'][:, ::4, ::4], ref, rtol=1e-4, atol=atol)
+  np.testing.assert_allclose(out[16]['res5'][:, ::2, ::2], ref, rtol=1e-4, atol=atol)
   np.testing.assert_allclose(out[8]['res4'][:, ::2, ::2], out[32]['res4'],
-                             rtol=1e-4, atol=1e-4)
+                             rtol=1e-4, atol=atol)
 
 
 def test_single_atrous_conv_identity():
