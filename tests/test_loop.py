@@ -23,6 +23,7 @@ def _tiny_config(data_dir, *, steps, checkpoint_every, **overrides):
   config.dataset.data_dir = data_dir
   config.dataset.crop_size = (32, 32)
   config.model.width_multiplier = 1 / 8
+  config.eval.tta.scales = (1.0,)  # one test scale: these runs test the loop
   config.batch_size = 4
   config.eval_batch_size = 10
   config.num_train_steps = steps

@@ -35,6 +35,7 @@ def _tiny_overrides(data_dir, num_train_steps, checkpoint_every, eval_every):
       '--config.eval_batch_size=4', f'--config.num_train_steps={num_train_steps}',
       f'--config.checkpoint_every_steps={checkpoint_every}',
       f'--config.eval_every_steps={eval_every}', '--config.log_every_steps=2',
+      '--config.eval.tta.scales=(1.0,)',  # one test scale: these runs test the loop
       '--config.optimizer.warmup_steps=2',
   ]
 

@@ -46,6 +46,7 @@ def _overrides(data_dir, parallel):
       '--config.eval_batch_size=4', f'--config.num_train_steps={_STEPS}',
       '--config.checkpoint_every_steps=2', f'--config.eval_every_steps={_STEPS}',
       '--config.log_every_steps=2', '--config.optimizer.warmup_steps=2',
+      '--config.eval.tta.scales=(1.0,)',  # one test scale: these runs test the loop
       f'--config.parallel={parallel}',
   ]
 
