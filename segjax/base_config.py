@@ -62,7 +62,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # How convolutions compute their filter gradient in training (segjax.models.layers
   # CONV_WEIGHT_GRADS): 'xla', or 'taps_1x1' / 'taps' as matmuls, which ran the CPU train
   # step of FCN-ResNet50 1.42x faster (experiments/benchmarks). Same gradients to rounding.
-  config.conv_weight_grad = 'xla'
+  # 'auto': 'taps_1x1' when JAX's default backend is the CPU, 'xla' on GPU/TPU.
+  config.conv_weight_grad = 'auto'
   return config
 
 
@@ -111,7 +112,6 @@ def fcn_config(variant: str, preset: str | None) -> ml_collections.ConfigDict:
     config.model.stem_stride = 1
     config.model.fc_kernel_size = 3
     config.model.dropout_rate = 0.0
-    config.conv_weight_grad = 'taps_1x1'  # 1x1 filter gradients as matmuls: ~15% faster here
     config.dataset.name = 'digit_scenes'
     config.dataset.crop_size = (48, 48)
     config.dataset.eval_pad_size = (64, 64)

@@ -215,14 +215,15 @@ def _print_summary(report: dict[str, Any]) -> None:
 
 
 def main(argv):
-  import contextlib
   from segjax.models import layers
   config = _CONFIG.value
   if _STEPS.value < 5 and not _MEMORY_SIDE.value:
     print(f'note: --steps={_STEPS.value} < 5; the issue asks for at least 5 timed steps')
   size = parse_size(_SIZE.value) if _SIZE.value else None
-  context = (layers.conv_weight_grad(_CONV_GRAD.value) if _CONV_GRAD.value
-             else contextlib.nullcontext())
+  # The flag, else the config's choice (both default to 'auto': taps_1x1 on CPU).
+  conv_grad = (_CONV_GRAD.value or (config.get('conv_weight_grad') if config is not None
+                                    else None) or 'auto')
+  context = layers.conv_weight_grad(conv_grad)
   if _WORKLOAD.value != 'roi_align' and config is None:
     raise app.UsageError(f'--workload={_WORKLOAD.value} needs --config=configs/X.py[:preset]')
   with context:
@@ -262,6 +263,7 @@ def main(argv):
             for side in ('segjax', 'torchvision') if side in m)
             + f", ratio {m.get('ratio', float('nan')):.2f} (<= 1: segjax uses less)")
     report['command'] = ' '.join(['python -m segjax.benchmark', *sys.argv[1:]])
+    report['conv_weight_grad'] = layers.resolve_conv_weight_grad(conv_grad)
     report['wall_s'] = time.time() - start
   if _JSON.value:
     os.makedirs(os.path.dirname(os.path.abspath(_JSON.value)), exist_ok=True)
@@ -292,6 +294,7 @@ if __name__ == '__main__':
   _MEMORY_SIDE = flags.DEFINE_enum('memory_side', None, ['segjax', 'torchvision'],
                                    'Internal: measure one side\'s memory in this process.')
   _CONV_GRAD = flags.DEFINE_string('conv_weight_grad', None, 'segjax conv filter gradient: '
-                                   'see segjax.models.layers.CONV_WEIGHT_GRADS (default: layers\'s).')
+                                   'see segjax.models.layers.CONV_WEIGHT_GRADS (default: the config\'s, '
+                                   'else \'auto\').')
   _JSON = flags.DEFINE_string('json', None, 'Write all results to this JSON file.')
   app.run(main)

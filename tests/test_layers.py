@@ -290,7 +290,7 @@ def test_conv_taps_gradients_equal_jax_grad_of_the_plain_conv(kernel, stride, di
   np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize('impl', ['taps', 'taps_1x1'])
+@pytest.mark.parametrize('impl', ['taps', 'taps_1x1', 'auto'])
 def test_conv_weight_grad_option_keeps_params_outputs_and_gradients(impl):
   """A ConvBN stack under `conv_weight_grad(impl)`: same parameters, outputs and
   gradients (to float rounding) as the default XLA gradient."""
@@ -310,11 +310,24 @@ def test_conv_weight_grad_option_keeps_params_outputs_and_gradients(impl):
     out, _ = net.apply({**variables, 'params': params}, x_, mutable=['batch_stats'])
     return jnp.sum(out ** 2)
 
-  want = jax.grad(loss, argnums=(0, 1))(variables['params'], x)
+  with layers.conv_weight_grad('xla'):
+    want = jax.grad(loss, argnums=(0, 1))(variables['params'], x)
   with layers.conv_weight_grad(impl):
     assert jax.tree.structure(net.init(jax.random.key(0), x)) == jax.tree.structure(variables)
     got = jax.jit(jax.grad(loss, argnums=(0, 1)))(variables['params'], x)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), got, want)
+
+
+def test_auto_conv_weight_grad_is_taps_1x1_on_cpu_and_xla_elsewhere(monkeypatch):
+  assert jax.default_backend() == 'cpu'
+  assert layers.resolve_conv_weight_grad('auto') == 'taps_1x1'
+  assert layers.resolve_conv_weight_grad('taps') == 'taps'
+  # What conv2d builds outside any context: the per-tap filter gradient for 1x1 only.
+  assert layers.conv2d(4, 1).conv_general_dilated is layers.conv_general_dilated_taps
+  assert layers.conv2d(4, 3).conv_general_dilated is None
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert layers.resolve_conv_weight_grad('auto') == 'xla'
+  assert layers.conv2d(4, 1).conv_general_dilated is None
 
 
 def test_conv_weight_grad_rejects_unknown_impl():
