@@ -36,8 +36,11 @@ def random_variables(variables, scale=0.1, seed=7):
 
 def conv_dilations(model, x):
   """rhs_dilation of every convolution the model runs, in order."""
-  jaxpr = jax.make_jaxpr(lambda x: model.init_with_output(jax.random.key(0), x,
-                                                          train=False)[0])(x)
+  # XLA's filter gradient keeps every conv a top-level primitive ('auto' would wrap the
+  # 1x1s in a custom_vjp call on CPU).
+  with layers.conv_weight_grad('xla'):
+    jaxpr = jax.make_jaxpr(lambda x: model.init_with_output(jax.random.key(0), x,
+                                                            train=False)[0])(x)
   return [eqn.params['rhs_dilation'][0] for eqn in jaxpr.eqns
           if eqn.primitive.name == 'conv_general_dilated']
 
@@ -315,7 +318,7 @@ def test_freeze_bn_uses_and_keeps_running_statistics():
     ('deeplab_v3', 'upsampling', 'bilinear',
      "unknown model config field(s) ['upsampling'] for model.name='deeplab_v3'; known "
      "fields are ['atrous_rates', 'aux_loss', 'backbone', 'dropout_rate', 'dtype', "
-     "'fc_init', 'freeze_bn', 'input_scales', 'name', 'output_stride', "
+     "'fc_init', 'freeze_bn', 'input_scales', 'name', 'output_stride', 'remat', "
      "'stage_width_multipliers', 'stem_stride', 'width_multiplier']"),
 ])
 def test_bad_deeplab_values_are_named(name, field, value, expected):

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import pytest
 
 from segjax import models
@@ -14,7 +15,7 @@ def test_default_model_config():
       'name': 'fcn8s', 'backbone': 'vgg16', 'width_multiplier': 1.0,
       'output_stride': 32, 'upsampling': 'deconv', 'aux_loss': False,
       'fc_kernel_size': 7, 'dtype': 'float32', 'dropout_rate': 0.5, 'fc_init': 'normal',
-      'stem_stride': 4, 'stage_width_multipliers': ()}
+      'stem_stride': 4, 'stage_width_multipliers': (), 'remat': False}
   models.validate_model_config(c)
 
 
@@ -68,6 +69,8 @@ def test_every_registry_name_builds(name, backbone):
     ('stage_width_multipliers', (0.5,) * 4,
      'model.stage_width_multipliers=(0.5, 0.5, 0.5, 0.5) needs a ResNet backbone; use () '
      'with vgg16'),
+    ('remat', True, 'model.remat=True needs a ResNet backbone (it rematerialises the '
+                    'residual blocks); use False with vgg16'),
 ])
 def test_bad_values_are_named_with_valid_choices(field, value, expected):
   c = models.default_model_config()
@@ -154,3 +157,37 @@ def test_unknown_and_missing_fields():
     models.validate_model_config(partial)
   with pytest.raises(ValueError, match='num_classes=0'):
     models.build_model(models.default_model_config(), num_classes=0)
+
+
+@pytest.mark.parametrize('name', ['fcn8s', 'deeplab_v3', 'fcn_resnet'])
+def test_remat_keeps_parameters_outputs_and_gradients(name):
+  """model.remat=True recomputes the ResNet blocks in the backward pass: the same
+  parameter tree, outputs, BatchNorm statistics and gradients as without it, and the
+  lowered gradient really rematerialises the 8 blocks."""
+  results = {}
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  for remat in (False, True):
+    c = models.default_model_config(name)
+    c.backbone, c.width_multiplier, c.remat = 'resnet18', 1 / 16, remat
+    if 'fc_kernel_size' in c:
+      c.fc_kernel_size = 1
+    c.dropout_rate = 0.0
+    model = models.build_model(c, num_classes=3)
+    variables = model.init(jax.random.key(0), x, train=False)
+
+    def loss(params, model=model, variables=variables):
+      out, updates = model.apply({**variables, 'params': params}, x, train=True,
+                                 mutable=['batch_stats'])
+      return jnp.sum(out['logits'] ** 2), updates
+
+    grad_fn = jax.jit(jax.grad(loss, has_aux=True))
+    grads, updates = grad_fn(variables['params'])
+    results[remat] = variables, grads, updates
+    # jax.checkpoint lowers to one optimization barrier per rematerialised block.
+    hlo = grad_fn.lower(variables['params']).as_text()
+    assert hlo.count('optimization_barrier') == (8 if remat else 0)  # ResNet-18: 8 blocks
+  (v0, g0, u0), (v1, g1, u1) = results[False], results[True]
+  assert jax.tree.structure(v0) == jax.tree.structure(v1)
+  jax.tree.map(np.testing.assert_array_equal, v0, v1)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), u1, u0)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), g1, g0)

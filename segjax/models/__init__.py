@@ -114,6 +114,7 @@ def default_model_config(name: str = 'fcn8s') -> ml_collections.ConfigDict:
         'dtype': 'float32',
         'dropout_rate': fcn_resnet.FCN_HEAD_DROPOUT,
         'freeze_bn': False,
+        'remat': False,         # ResNet blocks recomputed in the backward pass (memory)
     })
   if name in FCN_MODELS:
     return ml_collections.ConfigDict({
@@ -133,6 +134,7 @@ def default_model_config(name: str = 'fcn8s') -> ml_collections.ConfigDict:
         # ResNet only: () or one width multiplier per stage res2..res5, replacing
         # width_multiplier there (the stem keeps it).
         'stage_width_multipliers': (),
+        'remat': False,         # ResNet only: blocks recomputed in the backward pass
     })
   return ml_collections.ConfigDict({
       'name': name,
@@ -148,6 +150,7 @@ def default_model_config(name: str = 'fcn8s') -> ml_collections.ConfigDict:
       'fc_init': 'normal',      # fc6/fc7 (v1 VGG, v2 ASPP): 'normal' N(0, 0.01) | 'he'
       'stem_stride': 4,         # ResNet only, as FCN's: every stride, the output's too, x s/4
       'stage_width_multipliers': (),  # ResNet only, as FCN's
+      'remat': False,           # ResNet only, as FCN's
   })
 
 
@@ -221,6 +224,11 @@ def validate_model_config(model_config: ml_collections.ConfigDict) -> None:
                 'in [0, 1)')
   if not isinstance(c.aux_loss, bool):
     raise ValueError(f'model.aux_loss={c.aux_loss!r} must be True or False')
+  if not isinstance(c.remat, bool):
+    raise ValueError(f'model.remat={c.remat!r} must be True or False')
+  if c.remat and _family(c.backbone) != 'resnet':
+    raise ValueError(f'model.remat=True needs a ResNet backbone (it rematerialises the '
+                     f'residual blocks); use False with {c.backbone}')
   if c.name in FCN_RESNET_MODELS:
     if not isinstance(c.freeze_bn, bool):
       raise ValueError(f'model.freeze_bn={c.freeze_bn!r} must be True or False')
@@ -290,9 +298,11 @@ def build_backbone(model_config: ml_collections.ConfigDict, *,
                 dtype=DTYPES[c.dtype])
   if _family(c.backbone) == 'vgg':  # fcn_resnet has no VGG backbone (validated)
     kwargs.update(dropout_rate=float(c.dropout_rate), fc_init=c.fc_init, **_vgg_fc(c))
-  elif 'stem_stride' in c:
-    kwargs.update(stem_stride=int(c.stem_stride), stage_width_multipliers=tuple(
-        float(m) for m in c.stage_width_multipliers))
+  else:
+    kwargs.update(remat=bool(c.get('remat', False)))
+    if 'stem_stride' in c:
+      kwargs.update(stem_stride=int(c.stem_stride), stage_width_multipliers=tuple(
+          float(m) for m in c.stage_width_multipliers))
   return BACKBONES[c.backbone](**kwargs)
 
 

@@ -81,7 +81,7 @@ class BasicBlock(nn.Module):
   expansion = 1
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     bn = partial(layers.batch_norm, train, axis_name=self.bn_axis_name, dtype=self.dtype)
     last_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
     identity = x
@@ -112,7 +112,7 @@ class Bottleneck(nn.Module):
   expansion = 4
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     bn = partial(layers.batch_norm, train, axis_name=self.bn_axis_name, dtype=self.dtype)
     last_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
     out = self.planes * self.expansion
@@ -144,6 +144,9 @@ class ResNet(nn.Module):
     output_stride: 32, 16 or 8 via dilation (see module docstring).
     stem_stride: 4 (conv1 /2, max pool /2), 2 (no max pool) or 1 (neither).
     zero_init_residual: last BN gamma of each block starts at 0 (torchvision option).
+    remat: rematerialise every block in the backward pass (`nn.remat`): only the
+      blocks' inputs are kept for the gradient, their insides are recomputed; less
+      activation memory for about one more forward pass, same values.
     bn_axis_name: pmap axis for BatchNorm statistics.
     dtype: compute dtype (params stay float32).
   """
@@ -154,6 +157,7 @@ class ResNet(nn.Module):
   output_stride: int = 32
   stem_stride: int = 4
   zero_init_residual: bool = False
+  remat: bool = False
   bn_axis_name: str | None = None
   dtype: Any = jnp.float32
 
@@ -207,6 +211,9 @@ class ResNet(nn.Module):
     if self.stem_stride == 4:
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
+    # `train` decides Python control flow (BatchNorm's mode): static under remat, where
+    # argument 0 is the module, 1 the input.
+    block_cls = nn.remat(self.block_cls, static_argnums=(2,)) if self.remat else self.block_cls
     dilation = 1
     for i, (n_blocks, planes) in enumerate(zip(self.stage_sizes, self.stage_planes())):
       strides = 1 if i == 0 else 2
@@ -217,7 +224,7 @@ class ResNet(nn.Module):
       out_channels = planes * self.block_cls.expansion
       for j in range(n_blocks):
         first = j == 0
-        x = self.block_cls(
+        x = block_cls(
             planes=planes,
             strides=strides if first else 1,
             dilation=dilation,
@@ -225,7 +232,7 @@ class ResNet(nn.Module):
             downsample=first and (strides != 1 or in_channels != out_channels),
             zero_init_residual=self.zero_init_residual,
             bn_axis_name=self.bn_axis_name, dtype=self.dtype,
-            name=f'layer{i + 1}_{j}')(x, train=train)
+            name=f'layer{i + 1}_{j}')(x, train)
       in_channels = out_channels
       features[f'res{i + 2}'] = x
     return features
