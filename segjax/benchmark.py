@@ -221,8 +221,7 @@ def main(argv):
     print(f'note: --steps={_STEPS.value} < 5; the issue asks for at least 5 timed steps')
   size = parse_size(_SIZE.value) if _SIZE.value else None
   # The flag, else the config's choice (both default to 'auto': taps_1x1 on CPU).
-  conv_grad = (_CONV_GRAD.value or (config.get('conv_weight_grad') if config is not None
-                                    else None) or 'auto')
+  conv_grad = _CONV_GRAD.value or (config.conv_weight_grad if config is not None else 'auto')
   context = layers.conv_weight_grad(conv_grad)
   if _WORKLOAD.value != 'roi_align' and config is None:
     raise app.UsageError(f'--workload={_WORKLOAD.value} needs --config=configs/X.py[:preset]')

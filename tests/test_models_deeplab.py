@@ -11,7 +11,7 @@ import pytest
 from segjax import models
 from segjax.models import deeplab, layers
 
-from model_test_utils import TINY, abstract_init, count
+from model_test_utils import TINY, abstract_init, conv_dilations as conv_dilation_pairs, count
 
 NUM_CLASSES = 5
 V1 = ('deeplab_v1', 'deeplab_v1_largefov', 'deeplab_v1_msc', 'deeplab_v1_msc_largefov')
@@ -35,14 +35,8 @@ def random_variables(variables, scale=0.1, seed=7):
 
 
 def conv_dilations(model, x):
-  """rhs_dilation of every convolution the model runs, in order."""
-  # XLA's filter gradient keeps every conv a top-level primitive ('auto' would wrap the
-  # 1x1s in a custom_vjp call on CPU).
-  with layers.conv_weight_grad('xla'):
-    jaxpr = jax.make_jaxpr(lambda x: model.init_with_output(jax.random.key(0), x,
-                                                            train=False)[0])(x)
-  return [eqn.params['rhs_dilation'][0] for eqn in jaxpr.eqns
-          if eqn.primitive.name == 'conv_general_dilated']
+  """The (equal) row and column dilation of every convolution the model runs, in order."""
+  return [d[0] for d in conv_dilation_pairs(model, x)]
 
 
 # ---------------------------------------------------------------------------

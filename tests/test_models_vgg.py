@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from segjax.models import layers, vgg
+from segjax.models import vgg
 
-from model_test_utils import TINY, abstract_init, count
+from model_test_utils import TINY, abstract_init, conv_dilations, count
 
 
 @pytest.mark.parametrize('ctor,features_params,bn_channels,torchvision_total', [
@@ -69,12 +69,7 @@ def test_feature_shapes_match_strides(ctor, output_stride, hw):
 def test_output_stride_dilates_following_convs():
   def kernel_dilations(output_stride):
     model = vgg.VGG16(width_multiplier=TINY, output_stride=output_stride)
-    x = jnp.zeros((1, 32, 32, 3))
-    with layers.conv_weight_grad('xla'):  # every conv a top-level primitive
-      jaxpr = jax.make_jaxpr(lambda x: model.init_with_output(
-          jax.random.key(0), x, train=False)[0])(x)
-    return [eqn.params['rhs_dilation'] for eqn in jaxpr.eqns
-            if eqn.primitive.name == 'conv_general_dilated']
+    return conv_dilations(model, jnp.zeros((1, 32, 32, 3)))
 
   # 13 convs + fc6 + fc7; DeepLab v1: OS16 dilates fc6 by 2; OS8 conv5_x by 2, fc6 by 4.
   assert kernel_dilations(32) == [(1, 1)] * 15

@@ -299,7 +299,7 @@ def build_backbone(model_config: ml_collections.ConfigDict, *,
   if _family(c.backbone) == 'vgg':  # fcn_resnet has no VGG backbone (validated)
     kwargs.update(dropout_rate=float(c.dropout_rate), fc_init=c.fc_init, **_vgg_fc(c))
   else:
-    kwargs.update(remat=bool(c.get('remat', False)))
+    kwargs.update(remat=bool(c.remat))
     if 'stem_stride' in c:
       kwargs.update(stem_stride=int(c.stem_stride), stage_width_multipliers=tuple(
           float(m) for m in c.stage_width_multipliers))
