@@ -64,6 +64,13 @@ def get_base_config() -> ml_collections.ConfigDict:
   # step of FCN-ResNet50 1.42x faster (experiments/benchmarks). Same gradients to rounding.
   # 'auto': 'taps_1x1' when JAX's default backend is the CPU, 'xla' on GPU/TPU.
   config.conv_weight_grad = 'auto'
+  # Batches put on the devices ahead of the step that uses them, so the host-to-device
+  # copy overlaps the running step (segjax.train.loop.DevicePrefetch); 0: put each batch
+  # just before its step. Checkpoints record the input position of the last batch used.
+  config.prefetch_to_device = 2
+  # 'auto': dynamic loss scaling when model.dtype is 'float16' (not needed for bfloat16);
+  # 'dynamic' always; 'none' never (segjax.train.loss_scale).
+  config.loss_scaling = 'auto'
   return config
 
 

@@ -10,7 +10,7 @@ import numbers
 
 from segjax import models
 from segjax.models import crf
-from segjax.train import init_from, loop, optimizers, parallel
+from segjax.train import init_from, loop, loss_scale, optimizers, parallel
 
 _POSITIVE_INTS = ('num_train_steps', 'batch_size', 'eval_batch_size', 'eval_every_steps',
                   'checkpoint_every_steps', 'log_every_steps', 'keep_checkpoints')
@@ -32,6 +32,8 @@ def validate_config(config) -> None:
     raise ValueError(f'config.keep_best_checkpoints={config.keep_best_checkpoints!r} must be >= 0')
   loop.validate_nonfinite_policy(config.nonfinite)
   loop.validate_conv_weight_grad(config.conv_weight_grad)
+  loop.validate_prefetch_to_device(config.get('prefetch_to_device', 0))
+  loss_scale.validate_loss_scaling(config.get('loss_scaling', 'auto'))
   models.validate_model_config(config.model)
   optimizers.validate_optimizer_config(config.optimizer)
   if 'init_from' in config:  # configs saved before the field existed have none

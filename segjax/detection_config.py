@@ -14,7 +14,7 @@ import ml_collections
 from segjax import base_config
 from segjax.data import coco, instance_pipeline
 from segjax.models.detection import mask_rcnn
-from segjax.train import init_from, loop, optimizers, parallel
+from segjax.train import init_from, loop, loss_scale, optimizers, parallel
 
 TASK = 'instance'
 PRESETS = ('digit_scenes', 'coco')
@@ -33,7 +33,7 @@ def get_detection_base_config(name: str = 'mask_rcnn') -> ml_collections.ConfigD
   for field in ('seed', 'parallel', 'num_train_steps', 'batch_size', 'eval_batch_size',
                 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
                 'keep_checkpoints', 'keep_best_checkpoints', 'nonfinite',
-                'conv_weight_grad', 'init_from'):
+                'conv_weight_grad', 'prefetch_to_device', 'loss_scaling', 'init_from'):
     detection[field] = config[field]
   detection.model = mask_rcnn.default_detection_model_config(name)
   detection.dataset = instance_pipeline.default_instance_dataset_config()
@@ -134,6 +134,8 @@ def validate_detection_config(config) -> None:
       raise ValueError(f'config.{name}={value!r} must be a positive integer')
   loop.validate_nonfinite_policy(config.nonfinite)
   loop.validate_conv_weight_grad(config.conv_weight_grad)
+  loop.validate_prefetch_to_device(config.get('prefetch_to_device', 0))
+  loss_scale.validate_loss_scaling(config.get('loss_scaling', 'auto'))
   validate_num_images(config)
   if 'init_from' in config:  # configs saved before the field existed have none
     init_from.validate_config(config.init_from)

@@ -131,3 +131,67 @@ def test_unknown_conv_weight_grad_is_rejected_naming_the_choices():
   config.conv_weight_grad = 'im2col'
   with pytest.raises(ValueError, match=r"conv_weight_grad='im2col'.*'taps_1x1'"):
     config_validation.validate_config(config)
+
+
+class _CountingIterator:
+  """Yields 0, 1, 2, ...; its state is the next value; records what was read."""
+
+  def __init__(self, stop=None):
+    self.next_value, self.stop = 0, stop
+
+  def __next__(self):
+    if self.next_value == self.stop:
+      raise StopIteration
+    self.next_value += 1
+    return self.next_value - 1
+
+  def get_state(self):
+    return {'next': self.next_value}
+
+
+def test_device_prefetch_runs_ahead_and_reports_the_position_of_the_last_batch_used():
+  source, put = _CountingIterator(stop=6), []
+  feed = loop.DevicePrefetch(source, lambda b: put.append(b) or ('on device', b), depth=2)
+  assert feed.get_state() == {'next': 0} and put == []
+  assert next(feed) == ('on device', 0)
+  assert put == [0, 1, 2]  # the batch used and two ahead
+  assert feed.get_state() == {'next': 1}  # resume at batch 1, not 3
+  assert [next(feed)[1] for _ in range(2)] == [1, 2]
+  assert put == [0, 1, 2, 3, 4] and feed.get_state() == {'next': 3}
+  assert [b for _, b in feed] == [3, 4, 5]  # the queued ones outlive the source
+  assert feed.get_state() == {'next': 6}
+  put = []
+  no_ahead = loop.DevicePrefetch(_CountingIterator(), put.append, depth=0)
+  next(no_ahead)
+  assert put == [0] and no_ahead.get_state() == {'next': 1}
+
+
+def test_prefetch_depth_changes_neither_the_parameters_nor_the_saved_positions(tmp_path,
+                                                                              data_dir):
+  runs = {}
+  for depth in (0, 3):
+    config = _tiny_config(data_dir, steps=3, checkpoint_every=2, prefetch_to_device=depth)
+    workdir = str(tmp_path / str(depth))
+    trainer.train_and_evaluate(config, workdir)
+    ckpt = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints'))
+    runs[depth] = [ckpt.restore(trainer.create_state(config), step=step) for step in (2, 3)]
+    ckpt.close()
+  for (state_a, data_a), (state_b, data_b) in zip(runs[0], runs[3], strict=True):
+    assert data_a == data_b
+    for a, b in zip(jax.tree_util.tree_leaves(state_a.params),
+                    jax.tree_util.tree_leaves(state_b.params), strict=True):
+      np.testing.assert_array_equal(a, b)
+  assert runs[0][0][1] != runs[0][1][1]  # the positions moved between the checkpoints
+
+
+@pytest.mark.parametrize('make', [base_config.get_base_config,
+                                  detection_config.get_detection_base_config])
+@pytest.mark.parametrize('depth', [-1, True])
+def test_bad_prefetch_depth_is_rejected_naming_the_value(make, depth):
+  config = make()
+  config.prefetch_to_device = depth
+  validate = (config_validation.validate_config if make is base_config.get_base_config
+              else detection_config.validate_detection_config)
+  with pytest.raises(ValueError, match=rf'config.prefetch_to_device={depth!r} must be an '
+                                       r'integer >= 0'):
+    validate(config)

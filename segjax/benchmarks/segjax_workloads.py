@@ -20,7 +20,7 @@ from segjax.benchmarks import inputs
 from segjax.benchmarks.measure import Workload, compile_monitor, xla_flops
 from segjax.models import build_model
 from segjax.models.detection import mask_rcnn
-from segjax.train import detection_trainer, optimizers, steps
+from segjax.train import detection_trainer, loss_scale, optimizers, steps
 from segjax.train.state import TrainState
 
 MODES = ('train', 'infer')
@@ -56,7 +56,9 @@ def create_state(config: ml_collections.ConfigDict) -> TrainState:
   params = variables['params']
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
-                    rng=state_rng, apply_fn=model.apply, tx=tx)
+                    rng=state_rng, apply_fn=model.apply, tx=tx,
+                    loss_scale=loss_scale.DynamicLossScale.create()
+                    if loss_scale.enabled(config) else None)
 
 
 def make_batch(config: ml_collections.ConfigDict, batch_size: int,

@@ -87,7 +87,7 @@ RESNET_BACKBONES = tuple(b for b in BACKBONES if b.startswith('resnet'))
 
 UPSAMPLING = fcn.UPSAMPLING
 OUTPUT_STRIDES = (8, 16, 32)
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 # (stride-8 skip, stride-16 skip, top) maps that FCN fuses, per backbone family.
 _FCN_FEATURES = {'vgg': ('pool3', 'pool4', 'fc7'), 'resnet': ('res3', 'res4', 'res5')}

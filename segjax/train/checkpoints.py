@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
+from segjax.train import loss_scale
 from segjax.train.state import TrainState
 
 
@@ -44,9 +45,13 @@ class NoReadableCheckpoint(RuntimeError):
 
 
 def state_arrays(state: TrainState) -> dict[str, Any]:
-  """The saved part of a TrainState: everything but the apply function and optimizer."""
-  return {'step': state.step, 'params': state.params, 'batch_stats': state.batch_stats,
-          'opt_state': state.opt_state, 'rng': state.rng}
+  """The saved part of a TrainState: everything but the apply function and optimizer
+  (the float16 loss scale only where the state has one)."""
+  arrays = {'step': state.step, 'params': state.params, 'batch_stats': state.batch_stats,
+            'opt_state': state.opt_state, 'rng': state.rng}
+  if state.loss_scale is not None:
+    arrays['loss_scale'] = state.loss_scale.to_dict()
+  return arrays
 
 
 class Checkpointer:
@@ -98,7 +103,9 @@ class Checkpointer:
     restored = self.manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                       data=ocp.args.JsonRestore()))
-    arrays = restored['state']
+    arrays = dict(restored['state'])
+    if 'loss_scale' in arrays:
+      arrays['loss_scale'] = loss_scale.DynamicLossScale.from_dict(arrays['loss_scale'])
     state = template.replace(**arrays)
     return state, _decode(restored['data'])
 
@@ -176,6 +183,11 @@ class Checkpointer:
                 if tuple(have[name].shape) != tuple(np.shape(want[name]))]
       if shapes:
         problems.append(f'{section} shapes differ: {_some(shapes)}')
+    if ('loss_scale' in saved) != ('loss_scale' in expected):
+      problems.append('the checkpoint ' + ('has' if 'loss_scale' in saved else 'lacks')
+                      + ' a float16 loss scale and the config '
+                      + ('does not use one' if 'loss_scale' in saved else 'does')
+                      + ' (model.dtype, config.loss_scaling)')
     if problems:
       raise CheckpointMismatch(
           f'checkpoint step {step} in {self.directory} was written by a different model or '

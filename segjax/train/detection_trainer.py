@@ -38,7 +38,7 @@ from segjax import detection_config, visualize
 from segjax.data import instance_pipeline, sources
 from segjax.evaluation import coco_eval
 from segjax.models.detection import mask_rcnn
-from segjax.train import init_from, loop, optimizers, parallel, trainer
+from segjax.train import init_from, loop, loss_scale, optimizers, parallel, trainer
 from segjax.train.state import TrainState
 
 # Outputs fetched from the device at evaluation (proposals stay there).
@@ -97,7 +97,9 @@ def create_state(config) -> TrainState:
   params = variables['params']
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                      batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
-                     rng=state_rng, apply_fn=model.apply, tx=tx)
+                     rng=state_rng, apply_fn=model.apply, tx=tx,
+                     loss_scale=loss_scale.DynamicLossScale.create()
+                     if loss_scale.enabled(config) else None)
   # Pretrained weights (segjax.convert); a resume then replaces every array (loop.run).
   return init_from.apply_to_state(state, config.init_from) if 'init_from' in config else state
 
@@ -139,16 +141,20 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, axis_name: str
     losses = mask_rcnn.finalize_losses(outputs['loss_terms'], axis_name)
     return losses['loss'], (losses, mutated.get('batch_stats', {}))
 
-  (loss, (losses, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (losses, batch_stats)), grads = loss_scale.value_and_grad(loss_fn, state.params,
+                                                                  state.loss_scale)
   grads = global_sum(grads)
   if freeze_bn:
     grads = zero_batch_norm_grads(grads, state.batch_stats)
     batch_stats = state.batch_stats
   new_state, finite = state.apply_gradients_if_finite(grads, global_sum(loss),
                                                       batch_stats=batch_stats)
+  new_state, nonfinite, scale_metrics = loss_scale.after_step(
+      new_state, state.loss_scale, finite, global_sum(loss))
   metrics = {name: global_sum(value) for name, value in losses.items()}
   metrics['grad_norm'] = optax.tree.norm(grads)
-  metrics['nonfinite'] = 1.0 - finite.astype(jnp.float32)
+  metrics['nonfinite'] = nonfinite
+  metrics.update(scale_metrics)
   metrics['num_gt'] = global_sum(jnp.sum(batch['gt_valid'], dtype=jnp.float32))
   if learning_rate_fn is not None:
     metrics['learning_rate'] = learning_rate_fn(state.step)

@@ -24,10 +24,17 @@ a warning per step) and goes on; 'stop' raises `NonFiniteLoss` naming the first
 bad step before anything after it is saved, so the latest checkpoint is the last
 good state. The per-step flags are checked at least every MAX_STEPS_IN_FLIGHT steps
 and before every checkpoint.
+
+Host-to-device prefetch (`config.prefetch_to_device`, default 2): `DevicePrefetch`
+keeps that many batches already put on the devices ahead of the step, so on an
+accelerator the copy of the next batch overlaps the running step. The input
+position saved with a checkpoint is the one after the last batch a step used,
+not after the prefetched ones, so resuming is bit-identical with or without it.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -74,6 +81,47 @@ def validate_conv_weight_grad(impl: Any) -> None:
   if impl not in layers.CONV_WEIGHT_GRADS:
     raise ValueError(f'config.conv_weight_grad={impl!r} is not one of '
                      f'{layers.CONV_WEIGHT_GRADS}')
+
+
+def validate_prefetch_to_device(depth: Any) -> None:
+  if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+    raise ValueError(f'config.prefetch_to_device={depth!r} must be an integer >= 0 '
+                     '(batches put on the devices ahead of the step; 0: none ahead)')
+
+
+class DevicePrefetch:
+  """`iterator`'s batches, put on the devices by `put`, `depth` batches ahead of use.
+
+  `put` (a driver's `put_batch`) starts an asynchronous copy, so a batch taken
+  from here was on its way while the previous steps ran. `get_state()` is the
+  wrapped iterator's state right after it yielded the last batch taken from
+  here: what a checkpoint must record, since the `depth` batches in flight were
+  never used. The wrapped iterator itself stands `depth` batches further on.
+  """
+
+  def __init__(self, iterator, put: Callable[[Any], Any], depth: int):
+    validate_prefetch_to_device(depth)
+    self._iterator, self._put, self._depth = iterator, put, depth
+    self._queue: collections.deque = collections.deque()
+    self._state = iterator.get_state()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    while len(self._queue) <= self._depth:
+      try:
+        batch = next(self._iterator)
+      except StopIteration:
+        break
+      self._queue.append((self._put(batch), self._iterator.get_state()))
+    if not self._queue:
+      raise StopIteration
+    batch, self._state = self._queue.popleft()
+    return batch
+
+  def get_state(self):
+    return self._state
 
 
 class NonFiniteLoss(Exception):
@@ -214,6 +262,8 @@ def train(config, *, driver, device_state, start_step: int, train_iter,
 
   Args:
     start_step: the step `device_state` stands at.
+    train_iter: host batches, with `get_state()` (recorded in checkpoints). It is
+      read up to `config.prefetch_to_device` batches past the last step's batch.
     evaluate: device_state -> metrics of the whole eval split, or (metrics, images):
       images (tag -> uint8 [H, W, 3]) go to TensorBoard (`MetricWriter.write_images`).
     summarize: metrics -> the short text logged after each evaluation.
@@ -261,8 +311,9 @@ def _train(config, stop: list[int], *, driver, device_state, step: int, train_it
   check_finite = _FiniteCheck(config.nonfinite, checkpointer)
   window_start, window_steps = time.perf_counter(), 0
   eval_metrics = None
+  feed = DevicePrefetch(train_iter, driver.put_batch, config.get('prefetch_to_device', 0))
   while step < config.num_train_steps:
-    batch = next(train_iter)
+    batch = next(feed)
     device_state, metrics = driver.train_step(device_state, batch)
     step += 1
     window_steps += 1
@@ -298,7 +349,7 @@ def _train(config, stop: list[int], *, driver, device_state, step: int, train_it
     if (step % config.checkpoint_every_steps == 0 or is_last or eval_metrics is not None
         or stopping):
       check_finite(pending)
-      checkpointer.save(driver.get_state(device_state), train_iter.get_state(),
+      checkpointer.save(driver.get_state(device_state), feed.get_state(),
                         metrics=eval_metrics)
     if stopping and step < config.num_train_steps:
       checkpointer.wait()

@@ -1,6 +1,6 @@
 """Data-parallel drivers around the pure steps: `pmap` and `jit` over a device Mesh.
 
-Both take host (numpy) batches of this process's examples and a host TrainState,
+Both take batches of this process's examples and a host TrainState,
 and give the same numbers: under `pmap` every device holds a replica and steps
 reduce with explicit collectives over `PMAP_AXIS` (BatchNorm statistics too);
 under `jit` the batch is one global array sharded over the mesh's 'data' axis
@@ -12,6 +12,10 @@ process's devices; `jit` builds the Mesh over all devices of all processes and
 assembles the global batch from the processes' slices
 (`jax.make_array_from_process_local_data`). The state stays fully replicated, so
 `get_state` reads this process's copy: no cross-process transfer.
+
+`put_batch` starts the host-to-device copy of a host (numpy) batch and returns the
+device arrays; `train_step` and `eval_step` take either (`segjax.train.loop` puts
+batches ahead of the step, `DevicePrefetch`).
 """
 
 from __future__ import annotations
@@ -47,6 +51,10 @@ class PmapDriver:
                            axis_name=PMAP_AXIS, donate_argnums=(0,))
     self._eval = jax.pmap(functools.partial(eval_step, axis_name=PMAP_AXIS),
                           axis_name=PMAP_AXIS)
+    # Leading axis split over the local devices in pmap's order: what pmap takes
+    # without another copy.
+    self._split_sharding = NamedSharding(Mesh(np.asarray(self.devices), (PMAP_AXIS,)),
+                                         PartitionSpec(PMAP_AXIS))
 
   def put_state(self, state):
     return jax_utils.replicate(state, self.devices)
@@ -55,11 +63,15 @@ class PmapDriver:
     return jax.device_get(jax_utils.unreplicate(state))
 
   def put_batch(self, batch: dict[str, np.ndarray]):
+    """[b, ...] host arrays -> [devices, b / devices, ...], row i on local device i."""
+    if _on_devices(batch):
+      return batch
     def split(x):
       if x.shape[0] % self.num_devices:
         raise ValueError(f'per-process batch of {x.shape[0]} does not split over '
                          f'{self.num_devices} local devices')
-      return x.reshape((self.num_devices, -1) + x.shape[1:])
+      return jax.device_put(x.reshape((self.num_devices, -1) + x.shape[1:]),
+                            self._split_sharding)
     return jax.tree_util.tree_map(split, batch)
 
   def train_step(self, state, batch):
@@ -93,6 +105,9 @@ class JitDriver:
     return jax.device_get(state)
 
   def put_batch(self, batch: dict[str, np.ndarray]):
+    """This process's rows -> one global array sharded over the mesh's 'data' axis."""
+    if _on_devices(batch):
+      return batch
     def to_global(x):
       global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
       if global_shape[0] % self.num_devices:
@@ -106,6 +121,11 @@ class JitDriver:
 
   def eval_step(self, state, batch) -> jnp.ndarray:
     return self._eval(state, self.put_batch(batch))
+
+
+def _on_devices(batch) -> bool:
+  """Whether `batch` is already a driver's `put_batch` output (device arrays)."""
+  return all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(batch))
 
 
 def make_driver(parallel: str, train_step: Callable, num_classes: int,

@@ -12,7 +12,7 @@ import optax
 
 @flax.struct.dataclass
 class TrainState:
-  """params, BatchNorm statistics, optimizer state, step and rng.
+  """params, BatchNorm statistics, optimizer state, step, rng (and a loss scale).
 
   `rng` is a fixed base key; the step's dropout key is `fold_in(rng, step)`, so a
   resumed run draws exactly the keys an uninterrupted one would.
@@ -24,6 +24,8 @@ class TrainState:
   rng: jnp.ndarray
   apply_fn: Callable = flax.struct.field(pytree_node=False)
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+  # float16 training's DynamicLossScale (segjax.train.loss_scale); None otherwise.
+  loss_scale: Any = None
 
   def apply_gradients(self, grads, **changes) -> 'TrainState':
     updates, opt_state = self.tx.update(grads, self.opt_state, self.params)

@@ -33,6 +33,7 @@ from jax import lax
 from segjax import models
 from segjax.evaluation.segmentation_metrics import confusion_matrix
 from segjax.models import crf, layers
+from segjax.train import loss_scale
 from segjax.train.losses import cross_entropy_sum
 from segjax.train.state import TrainState
 
@@ -102,13 +103,15 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray], *,
     aux = (mutated.get('batch_stats', {}), outputs['logits'], main_loss)
     return total, aux
 
-  (loss, (batch_stats, logits, main_loss)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
+  (loss, (batch_stats, logits, main_loss)), grads = loss_scale.value_and_grad(
+      loss_fn, state.params, state.loss_scale)
   grads = global_sum(grads)
   if freeze_bn:
     grads = zero_batch_norm_grads(grads, state.batch_stats)
   new_state, finite = state.apply_gradients_if_finite(grads, global_sum(loss),
                                                       batch_stats=batch_stats)
+  new_state, nonfinite, scale_metrics = loss_scale.after_step(
+      new_state, state.loss_scale, finite, global_sum(loss))
 
   labels = batch['label']
   labelled = labels != ignore_label
@@ -119,8 +122,10 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray], *,
       'pixel_accuracy': global_sum(correct) / jnp.maximum(global_sum(jnp.sum(labelled)), 1),
       'grad_norm': optax.tree.norm(grads),
       # 1.0 where the update was skipped (non-finite loss or gradients), see
-      # TrainState.apply_gradients_if_finite and config.nonfinite.
-      'nonfinite': 1.0 - finite.astype(jnp.float32),
+      # TrainState.apply_gradients_if_finite and config.nonfinite; with loss scaling,
+      # an overflow skips the update but counts as 'overflow' (segjax.train.loss_scale).
+      'nonfinite': nonfinite,
+      **scale_metrics,
   }
   if learning_rate_fn is not None:
     metrics['learning_rate'] = learning_rate_fn(state.step)

@@ -19,7 +19,7 @@ from segjax import config_validation, visualize
 from segjax.data import pipeline
 from segjax.evaluation.segmentation_metrics import metrics_from_confusion
 from segjax.models import build_model
-from segjax.train import init_from, loop, optimizers, parallel, steps
+from segjax.train import init_from, loop, loss_scale, optimizers, parallel, steps
 from segjax.train.state import TrainState, create_train_state
 
 def create_state(config) -> TrainState:
@@ -29,6 +29,8 @@ def create_state(config) -> TrainState:
   tx = optimizers.build_optimizer(config.optimizer, config.num_train_steps)
   height, width = config.dataset.crop_size
   state = create_train_state(model, tx, jax.random.PRNGKey(config.seed), (1, height, width, 3))
+  if loss_scale.enabled(config):
+    state = state.replace(loss_scale=loss_scale.DynamicLossScale.create())
   # Pretrained weights (segjax.convert); a resume then replaces every array (loop.run).
   return init_from.apply_to_state(state, config.init_from) if 'init_from' in config else state
 
