@@ -17,8 +17,10 @@ What it reports (recorded results and exact commands: experiments/benchmarks/REA
   this process (model FLOP utilisation, MFU);
 - the number of XLA compilations during the timed steps and the jit cache size (a
   step that recompiles is a bug: both must read 0 and 1);
-- with `--memory`: peak RSS minus the RSS after imports, each side in its own
-  subprocess (one process's peak cannot be split between two libraries);
+- with `--memory`: peak RSS of the steps after the first minus the RSS after imports,
+  each side in its own subprocess (one process's peak cannot be split between two
+  libraries); free heap pages are returned to the OS after the first step on both
+  sides (glibc `malloc_trim`, as segjax's train loop does after it compiles);
 - `--workload=pipeline`: images/s of the grain input pipeline alone.
 
 Threads: XLA's CPU client uses one thread per core; torchvision gets
@@ -144,6 +146,24 @@ def _with_conv_grad(build, impl: str):
   return workload
 
 
+def run_pipeline(config, *, steps: int = 20, warmup: int = 1,
+                 train_step: bool = False) -> dict[str, Any]:
+  """Images/s of `config`'s train input pipeline alone (`pipeline_bench`); with
+  `train_step`, also of the config's train step on batches of the same shape, timed
+  after it in this process, and the ratio pipeline / step (the issue asks >= 10)."""
+  from segjax.benchmarks import pipeline_bench
+  report = pipeline_bench.measure(config, batches=max(steps, 5))
+  if train_step:
+    step = run_model(config, mode='train', batch_size=config.batch_size,
+                     image_size=tuple(config.dataset.crop_size), steps=steps, warmup=warmup,
+                     matmul_peak=False)
+    report['train_step_images_per_s'] = step['segjax']['images_per_s']
+    report['pipeline_over_train_step'] = (report['images_per_s']
+                                          / report['train_step_images_per_s'])
+    report['load_average'] = os.getloadavg()[0]
+  return report
+
+
 def memory_side(config, side: str, *, mode: str, batch_size: int | None,
                 image_size: tuple[int, int] | None, steps: int, num_instances: int
                 ) -> dict[str, Any]:
@@ -166,13 +186,20 @@ def memory_side(config, side: str, *, mode: str, batch_size: int | None,
     workload = torchvision_workloads.workload(config, mode, batch, count_flops=False)
   workload.step()
   with_compile = measure.peak_rss_bytes() - baseline
+  after_warmup = measure.rss_bytes() - baseline
+  # Both sides: free heap pages go back to the OS before the steady-state steps, as
+  # segjax's train loop does after its compiling step (`loop.release_free_heap`).
+  released = measure.release_free_heap()
+  after_release = measure.rss_bytes() - baseline
   reset = measure.reset_peak_rss()
   for _ in range(steps):
     workload.step()
   steady = measure.peak_rss_bytes() - baseline
   return {'side': side, 'baseline_rss_mb': baseline / 2**20,
           'peak_minus_import_mb': steady / 2**20 if reset else None,
-          'peak_minus_import_with_compile_mb': with_compile / 2**20}
+          'peak_minus_import_with_compile_mb': with_compile / 2**20,
+          'rss_after_warmup_mb': after_warmup / 2**20,
+          'rss_after_heap_release_mb': after_release / 2**20 if released else None}
 
 
 def measure_memory(argv: list[str], sides=('segjax', 'torchvision')) -> dict[str, Any]:
@@ -225,6 +252,11 @@ def main(argv):
   context = layers.conv_weight_grad(conv_grad)
   if _WORKLOAD.value != 'roi_align' and config is None:
     raise app.UsageError(f'--workload={_WORKLOAD.value} needs --config=configs/X.py[:preset]')
+  if (_COMPARE.value == 'train_step') != (_WORKLOAD.value == 'pipeline'
+                                          and _COMPARE.value != 'none'):
+    raise app.UsageError(f'--compare={_COMPARE.value} with --workload={_WORKLOAD.value}: '
+                         "train_step is the pipeline's comparison ('none' or 'train_step' "
+                         "there); the others are for --workload=model/roi_align")
   with context:
     if _MEMORY_SIDE.value:
       result = memory_side(config, _MEMORY_SIDE.value, mode=_MODE.value,
@@ -234,12 +266,12 @@ def main(argv):
       return
     start = time.time()
     if _WORKLOAD.value == 'pipeline':
-      from segjax.benchmarks import pipeline_bench
       if _BATCH.value:
         config.batch_size = _BATCH.value
       if size:
         config.dataset.crop_size = size
-      report = pipeline_bench.measure(config, batches=max(_STEPS.value, 5))
+      report = run_pipeline(config, steps=_STEPS.value, warmup=_WARMUP.value,
+                            train_step=_COMPARE.value == 'train_step')
       print(json.dumps(report, indent=1))
     elif _WORKLOAD.value == 'roi_align':
       from segjax.benchmarks import roi_align_row
@@ -280,10 +312,13 @@ if __name__ == '__main__':
   _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'infer'], 'Train step or inference.')
   _BATCH = flags.DEFINE_integer('batch_size', None, 'Images per step (default: the config\'s).')
   _SIZE = flags.DEFINE_string('image_size', None, 'H,W (default: the config\'s crop/pad size).')
-  _COMPARE = flags.DEFINE_enum('compare', 'none', ['none', 'torchvision', 'xla_conv_grad'],
+  _COMPARE = flags.DEFINE_enum('compare', 'none',
+                               ['none', 'torchvision', 'xla_conv_grad', 'train_step'],
                                'Reference to run A/B: torchvision\'s equivalent model, or segjax '
                                'itself with XLA\'s conv filter gradient (to measure '
-                               '--conv_weight_grad).')
+                               '--conv_weight_grad); with --workload=pipeline, train_step '
+                               'also times the config\'s train step on batches of the same '
+                               'shape and reports pipeline / step images per second.')
   _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps (pairs with --compare); at least 5.')
   _WARMUP = flags.DEFINE_integer('warmup', 1, 'Untimed steps per side before timing.')
   _INSTANCES = flags.DEFINE_integer('num_instances', 4, 'Ground-truth objects per image (detectors).')

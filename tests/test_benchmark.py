@@ -129,3 +129,34 @@ def test_instance_batch_layout():
   mask = batch['gt_masks'][0, 0]
   assert mask.sum() == (int(np.ceil(y2)) - int(y1)) * (int(np.ceil(x2)) - int(x1))
   assert (batch['gt_labels'][batch['gt_valid']] >= 1).all()
+
+
+def test_pipeline_row_divides_its_own_pipeline_and_step_rates(data_dir):
+  config = tiny_fcn_config()
+  config.dataset.name = 'digit_scenes/tiny'
+  config.dataset.data_dir = data_dir
+  config.dataset.crop_size = (32, 32)
+  config.batch_size = 4
+  report = benchmark.run_pipeline(config, steps=5, train_step=True)
+  assert report['images_per_batch'] == 4 and report['image_shape'] == [32, 32, 3]
+  assert report['images_per_s'] > 0 and report['train_step_images_per_s'] > 0
+  assert report['pipeline_over_train_step'] == pytest.approx(
+      report['images_per_s'] / report['train_step_images_per_s'])
+
+
+def test_memory_side_releases_the_free_heap_before_the_steady_steps():
+  config = tiny_fcn_config()
+  result = benchmark.memory_side(config, 'segjax', mode='infer', batch_size=1,
+                                 image_size=(32, 32), steps=2, num_instances=1)
+  assert result['rss_after_heap_release_mb'] is not None
+  assert result['rss_after_heap_release_mb'] <= result['rss_after_warmup_mb'] + 5
+  assert result['peak_minus_import_mb'] >= result['rss_after_heap_release_mb'] - 5
+
+
+def test_train_step_comparison_is_only_for_the_pipeline():
+  import subprocess
+  import sys
+  proc = subprocess.run([sys.executable, '-m', 'segjax.benchmark', '--workload=roi_align',
+                         '--compare=train_step'], capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert "--compare=train_step with --workload=roi_align" in proc.stderr

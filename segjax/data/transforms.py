@@ -99,7 +99,7 @@ class DecodeExample(grain.transforms.Map):
     image, label = element[self.image_key], element[self.label_key]
     check_image_and_label(image, label)
     label = label.reshape(label.shape[:2]).astype(np.int32)
-    if self.num_classes is not None:
+    if self.num_classes is not None and label.size and not self._labels_in_range(label):
       bad = (label >= self.num_classes) & (label != self.ignore_label)
       bad |= label < 0
       if bad.any():
@@ -108,6 +108,15 @@ class DecodeExample(grain.transforms.Map):
             f'{self.num_classes - 1} or ignore_label {self.ignore_label}.'
         )
     return {'image': image, 'label': label}
+
+  def _labels_in_range(self, label: np.ndarray) -> bool:
+    """The common case in two reductions: all in [0, num_classes), or only the ignore
+    label above (the element-wise check that names a bad value runs otherwise)."""
+    if label.min() < 0:
+      return False
+    top = label.max()
+    return top < self.num_classes or (top == self.ignore_label and not np.any(
+        (label >= self.num_classes) & (label != self.ignore_label)))
 
 
 def _nearest_indices(src: int, dst: int) -> np.ndarray:
@@ -125,7 +134,7 @@ def resize_image_and_label(
   )
   rows = _nearest_indices(label.shape[0], height)
   cols = _nearest_indices(label.shape[1], width)
-  return image, label[rows[:, None], cols[None, :]]
+  return image, label.take(rows, axis=0).take(cols, axis=1)
 
 
 class RandomScale(grain.transforms.RandomMap):
@@ -151,6 +160,9 @@ class RandomScale(grain.transforms.RandomMap):
     return {**element, 'image': image, 'label': label}
 
 
+_LUMA = np.asarray([0.299, 0.587, 0.114], np.float32)
+
+
 class ColorJitter(grain.transforms.RandomMap):
   """Random brightness, contrast, saturation, each a factor ~ U(1 - s, 1 + s).
 
@@ -166,14 +178,20 @@ class ColorJitter(grain.transforms.RandomMap):
     s = self.strength
     # Python floats: a float64 numpy scalar would promote the image to float64.
     b, c, sat = (float(f) for f in rng.uniform(1 - s, 1 + s, size=3))
-    x = element['image'].astype(np.float32) * b
+    # In place on one float32 copy: the same operations, in the same order, as
+    # x = (x * b - mean) * c + mean; x = gray + (x - gray) * sat; clip.
+    x = element['image'].astype(np.float32)
+    x *= b
     # ITU-R 601 luma, as torchvision's rgb_to_grayscale.
-    gray = x @ np.asarray([0.299, 0.587, 0.114], np.float32)
-    mean = float(gray.mean())
-    x = (x - mean) * c + mean
-    gray = (x @ np.asarray([0.299, 0.587, 0.114], np.float32))[..., None]
-    x = gray + (x - gray) * sat
-    return {**element, 'image': np.clip(x, 0, 255)}
+    mean = float((x @ _LUMA).mean())
+    x -= mean
+    x *= c
+    x += mean
+    gray = (x @ _LUMA)[..., None]
+    x -= gray
+    x *= sat
+    x += gray
+    return {**element, 'image': np.clip(x, 0, 255, out=x)}
 
 
 class RandomCrop(grain.transforms.RandomMap):
@@ -266,10 +284,12 @@ def _paste_top_left(image: np.ndarray, label: np.ndarray, size: tuple[int, int],
                     pad_value: np.ndarray, ignore_label: int) -> tuple[np.ndarray, np.ndarray]:
   """[h, w, 3] image and [h, w] label (h, w <= size) -> float32 [H, W, 3] and int32
   [H, W], filled with `pad_value` / `ignore_label` beyond the bottom-right edge."""
+  h, w = label.shape
+  if (h, w) == tuple(size):  # nothing to pad: one converting copy each
+    return image.astype(np.float32), label.astype(np.int32)
   out_image = np.empty(tuple(size) + (3,), np.float32)
   out_image[...] = pad_value
   out_label = np.full(tuple(size), ignore_label, np.int32)
-  h, w = label.shape
   out_image[:h, :w] = image
   out_label[:h, :w] = label
   return out_image, out_label
@@ -285,5 +305,7 @@ class Normalize(grain.transforms.Map):
       raise ValueError(f'std must be positive, got {std!r}.')
 
   def map(self, element: dict) -> dict:
-    image = (element['image'].astype(np.float32) - self.mean) / self.std
+    image = element['image'].astype(np.float32)  # a copy, even of a float32 input
+    image -= self.mean
+    image /= self.std
     return {**element, 'image': image}
