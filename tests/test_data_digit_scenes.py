@@ -214,3 +214,17 @@ def test_build_and_read_without_tensorflow(tmp_path):
       [sys.executable, '-c', code], capture_output=True, text=True, timeout=120
   )
   assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_only_the_requested_features_are_decoded(data_dir):
+  full = sources.load_data_source('digit_scenes/tiny', 'train', data_dir)
+  part = sources.load_data_source('digit_scenes/tiny', 'train', data_dir,
+                                  features=('image', 'segmentation'))
+  for i in (0, 7):
+    np.testing.assert_array_equal(part[i]['image'], full[i]['image'])
+    np.testing.assert_array_equal(part[i]['segmentation'], full[i]['segmentation'])
+    decoded = full[i]['objects']['mask']
+    assert len(decoded) >= 1 and decoded[0].shape == (64, 64, 1)
+    stored = part[i]['objects']['mask']  # the masks' PNG bytes, one per object
+    assert len(stored) == len(decoded)
+    assert all(bytes(png).startswith(b'\x89PNG') for png in stored)

@@ -58,8 +58,8 @@ def test_every_registry_name_builds(name, backbone):
     ('upsampling', 'unpool', "model.upsampling='unpool' is not valid; choose one of "
                              "['bilinear', 'deconv', 'deconv_frozen']"),
     ('output_stride', 4, 'model.output_stride=4 is not valid; choose one of [8, 16, 32]'),
-    ('dtype', 'float16', "model.dtype='float16' is not valid; choose one of "
-                         "['bfloat16', 'float32']"),
+    ('dtype', 'float64', "model.dtype='float64' is not valid; choose one of "
+                         "['bfloat16', 'float16', 'float32']"),
     ('width_multiplier', 0.0, 'model.width_multiplier=0.0 must be a number > 0'),
     ('fc_kernel_size', 0, 'model.fc_kernel_size=0 must be an integer >= 1'),
     ('dropout_rate', 1.0, 'model.dropout_rate=1.0 must be in [0, 1)'),

@@ -157,7 +157,8 @@ def create_train_loader(
   )
   if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
     raise ValueError(f'seed must be an int in [0, 2**32), got {seed!r}.')
-  source = sources.load_data_source(c.name, c.train_split, c.data_dir)
+  source = sources.load_data_source(c.name, c.train_split, c.data_dir,
+                                    features=(c.image_key, c.label_key))
   if len(source) < process_count:
     raise ValueError(
         f'Split {c.train_split!r} of {c.name!r} has {len(source)} examples, fewer '
@@ -282,7 +283,8 @@ def create_eval_loader(
   batch_size, process_index, process_count = _process_batch_size(
       global_batch_size, process_index, process_count
   )
-  source = sources.load_data_source(c.name, c.eval_split, c.data_dir)
+  source = sources.load_data_source(c.name, c.eval_split, c.data_dir,
+                                    features=(c.image_key, c.label_key))
   num_padded = math.ceil(len(source) / global_batch_size) * global_batch_size
   source = PaddedDataSource(source, num_padded)
   shard_options = grain.sharding.ShardOptions(
