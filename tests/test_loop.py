@@ -87,13 +87,17 @@ def test_finite_runs_log_zero_skipped_steps(tmp_path, data_dir):
   assert record['skipped_steps'] == 0.0 and np.isfinite(record['loss'])
 
 
-@pytest.mark.parametrize('make', [base_config.get_base_config,
-                                  detection_config.get_detection_base_config])
-def test_unknown_nonfinite_policy_is_rejected_naming_the_choices(make):
+# (default config, its validator) of the semantic and the instance task: the loop's
+# fields are validated by both.
+CONFIG_KINDS = [(base_config.get_base_config, config_validation.validate_config),
+                (detection_config.get_detection_base_config,
+                 detection_config.validate_detection_config)]
+
+
+@pytest.mark.parametrize('make, validate', CONFIG_KINDS)
+def test_unknown_nonfinite_policy_is_rejected_naming_the_choices(make, validate):
   config = make()
   config.nonfinite = 'ignore'
-  validate = (config_validation.validate_config if make is base_config.get_base_config
-              else detection_config.validate_detection_config)
   with pytest.raises(ValueError, match=r"config.nonfinite='ignore'.*\('stop', 'skip'\)"):
     validate(config)
 
@@ -184,14 +188,11 @@ def test_prefetch_depth_changes_neither_the_parameters_nor_the_saved_positions(t
   assert runs[0][0][1] != runs[0][1][1]  # the positions moved between the checkpoints
 
 
-@pytest.mark.parametrize('make', [base_config.get_base_config,
-                                  detection_config.get_detection_base_config])
+@pytest.mark.parametrize('make, validate', CONFIG_KINDS)
 @pytest.mark.parametrize('depth', [-1, True])
-def test_bad_prefetch_depth_is_rejected_naming_the_value(make, depth):
+def test_bad_prefetch_depth_is_rejected_naming_the_value(make, validate, depth):
   config = make()
   config.prefetch_to_device = depth
-  validate = (config_validation.validate_config if make is base_config.get_base_config
-              else detection_config.validate_detection_config)
   with pytest.raises(ValueError, match=rf'config.prefetch_to_device={depth!r} must be an '
                                        r'integer >= 0'):
     validate(config)

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from segjax import base_config, config_validation, detection_config
+from segjax import base_config
 from segjax.train import checkpoints, loss_scale, metric_writer, steps, trainer
+from test_loop import CONFIG_KINDS
 
 
 def test_scale_halves_on_overflow_down_to_the_floor_and_doubles_after_the_interval():
@@ -132,13 +133,10 @@ def test_float16_run_logs_and_checkpoints_its_scale(tmp_path, data_dir):
   ckpt.close()
 
 
-@pytest.mark.parametrize('make', [base_config.get_base_config,
-                                  detection_config.get_detection_base_config])
-def test_unknown_loss_scaling_is_rejected_naming_the_choices(make):
+@pytest.mark.parametrize('make, validate', CONFIG_KINDS)
+def test_unknown_loss_scaling_is_rejected_naming_the_choices(make, validate):
   config = make()
   config.loss_scaling = 'static'
-  validate = (config_validation.validate_config if make is base_config.get_base_config
-              else detection_config.validate_detection_config)
   with pytest.raises(ValueError,
                      match=r"config.loss_scaling='static' is not one of \('auto', 'dynamic'"):
     validate(config)
