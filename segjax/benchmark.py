@@ -170,6 +170,7 @@ def memory_side(config, side: str, *, mode: str, batch_size: int | None,
   """Peak RSS of one side's steps minus the RSS after imports (this process only)."""
   import jax
   from segjax.benchmarks import measure, segjax_workloads
+  from segjax.train import host_memory
   if side == 'torchvision':
     import torch  # noqa: F401
     import torchvision  # noqa: F401
@@ -188,8 +189,8 @@ def memory_side(config, side: str, *, mode: str, batch_size: int | None,
   with_compile = measure.peak_rss_bytes() - baseline
   after_warmup = measure.rss_bytes() - baseline
   # Both sides: free heap pages go back to the OS before the steady-state steps, as
-  # segjax's train loop does after its compiling step (`loop.release_free_heap`).
-  released = measure.release_free_heap()
+  # segjax's train loop does after its compiling step (`host_memory`).
+  released = host_memory.release_free_heap()
   after_release = measure.rss_bytes() - baseline
   reset = measure.reset_peak_rss()
   for _ in range(steps):

@@ -196,22 +196,3 @@ def test_bad_prefetch_depth_is_rejected_naming_the_value(make, validate, depth):
   with pytest.raises(ValueError, match=rf'config.prefetch_to_device={depth!r} must be an '
                                        r'integer >= 0'):
     validate(config)
-
-
-def test_release_free_heap_returns_freed_pages_to_the_os():
-  """500 MB in 64 KiB blocks (below glibc's mmap threshold: they live in the heap), one
-  block in 64 kept so the heap cannot shrink from its top: freeing the rest leaves the
-  RSS up until release_free_heap hands the free pages back."""
-  from segjax.benchmarks import measure
-  if not loop.release_free_heap():
-    pytest.skip('no malloc_trim in this C library (not glibc)')
-  blocks = [np.ones(8192) for _ in range(8000)]  # 8192 float64 = 64 KiB each
-  kept = blocks[::64]
-  before = measure.rss_bytes()
-  del blocks
-  freed = measure.rss_bytes()
-  assert loop.release_free_heap()
-  after = measure.rss_bytes()
-  assert freed - before > -50 * 2**20  # free() alone gave (almost) nothing back
-  assert freed - after > 300 * 2**20, (before, freed, after)
-  assert len(kept) == 125

@@ -188,13 +188,6 @@ def peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def release_free_heap() -> bool:
-  """Returns the heap memory freed so far to the OS (glibc `malloc_trim(0)`); False where
-  the C library has no `malloc_trim` (not glibc). See `segjax.train.loop`."""
-  from segjax.train import loop  # pylint: disable=import-outside-toplevel
-  return loop.release_free_heap()
-
-
 def reset_peak_rss() -> bool:
   """Resets VmHWM to the current RSS (Linux `clear_refs` 5); False where not allowed."""
   try:

@@ -36,9 +36,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
-import ctypes.util
-import functools
 import json
 import os
 import signal
@@ -55,6 +52,7 @@ from jax.experimental import multihost_utils
 
 from segjax.models import layers
 from segjax.train import checkpoints, metric_writer
+from segjax.train.host_memory import release_free_heap
 from segjax.train.state import TrainState
 
 # Fetch step metrics at least this often: many multi-device steps queued without a
@@ -84,30 +82,6 @@ def validate_conv_weight_grad(impl: Any) -> None:
   if impl not in layers.CONV_WEIGHT_GRADS:
     raise ValueError(f'config.conv_weight_grad={impl!r} is not one of '
                      f'{layers.CONV_WEIGHT_GRADS}')
-
-
-@functools.cache
-def _malloc_trim():
-  try:
-    return ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6').malloc_trim
-  except (OSError, AttributeError):
-    return None
-
-
-def release_free_heap() -> bool:
-  """Hands the C heap's free pages back to the OS (glibc `malloc_trim(0)`).
-
-  XLA's compiler frees hundreds of MB after compiling a ResNet-50 step, which glibc
-  keeps mapped: FCN-ResNet50 inference held 741 MB over its imports after the first
-  (compiling) call and 359 MB after this (experiments/benchmarks, "Peak memory").
-  The loop calls it after the step that compiled and after each evaluation. Returns
-  False where the C library has no `malloc_trim` (not glibc): nothing is done.
-  """
-  trim = _malloc_trim()
-  if trim is None:
-    return False
-  trim(0)
-  return True
 
 
 def validate_prefetch_to_device(depth: Any) -> None:
