@@ -253,11 +253,11 @@ def main(argv):
   context = layers.conv_weight_grad(conv_grad)
   if _WORKLOAD.value != 'roi_align' and config is None:
     raise app.UsageError(f'--workload={_WORKLOAD.value} needs --config=configs/X.py[:preset]')
-  if (_COMPARE.value == 'train_step') != (_WORKLOAD.value == 'pipeline'
-                                          and _COMPARE.value != 'none'):
+  allowed = (('none', 'train_step') if _WORKLOAD.value == 'pipeline'
+             else ('none', 'torchvision', 'xla_conv_grad'))
+  if _COMPARE.value not in allowed:
     raise app.UsageError(f'--compare={_COMPARE.value} with --workload={_WORKLOAD.value}: '
-                         "train_step is the pipeline's comparison ('none' or 'train_step' "
-                         "there); the others are for --workload=model/roi_align")
+                         f'choose one of {allowed}')
   with context:
     if _MEMORY_SIDE.value:
       result = memory_side(config, _MEMORY_SIDE.value, mode=_MODE.value,

@@ -57,8 +57,7 @@ def create_state(config: ml_collections.ConfigDict) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
                     rng=state_rng, apply_fn=model.apply, tx=tx,
-                    loss_scale=loss_scale.DynamicLossScale.create()
-                    if loss_scale.enabled(config) else None)
+                    loss_scale=loss_scale.initial(config))
 
 
 def make_batch(config: ml_collections.ConfigDict, batch_size: int,

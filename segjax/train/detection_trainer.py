@@ -98,8 +98,7 @@ def create_state(config) -> TrainState:
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                      batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
                      rng=state_rng, apply_fn=model.apply, tx=tx,
-                     loss_scale=loss_scale.DynamicLossScale.create()
-                     if loss_scale.enabled(config) else None)
+                     loss_scale=loss_scale.initial(config))
   # Pretrained weights (segjax.convert); a resume then replaces every array (loop.run).
   return init_from.apply_to_state(state, config.init_from) if 'init_from' in config else state
 
@@ -147,10 +146,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, axis_name: str
   if freeze_bn:
     grads = zero_batch_norm_grads(grads, state.batch_stats)
     batch_stats = state.batch_stats
-  new_state, finite = state.apply_gradients_if_finite(grads, global_sum(loss),
+  global_loss = global_sum(loss)
+  new_state, finite = state.apply_gradients_if_finite(grads, global_loss,
                                                       batch_stats=batch_stats)
   new_state, nonfinite, scale_metrics = loss_scale.after_step(
-      new_state, state.loss_scale, finite, global_sum(loss))
+      new_state, state.loss_scale, finite, global_loss)
   metrics = {name: global_sum(value) for name, value in losses.items()}
   metrics['grad_norm'] = optax.tree.norm(grads)
   metrics['nonfinite'] = nonfinite

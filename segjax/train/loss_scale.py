@@ -46,6 +46,11 @@ def enabled(config) -> bool:
   return choice == 'dynamic' or (choice == 'auto' and config.model.get('dtype') == 'float16')
 
 
+def initial(config) -> 'DynamicLossScale | None':
+  """The loss scale a fresh TrainState of `config` starts with (None: no scaling)."""
+  return DynamicLossScale.create() if enabled(config) else None
+
+
 @flax.struct.dataclass
 class DynamicLossScale:
   """The current scale (float32) and the finite steps since it last changed (int32)."""

@@ -108,16 +108,17 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray], *,
   grads = global_sum(grads)
   if freeze_bn:
     grads = zero_batch_norm_grads(grads, state.batch_stats)
-  new_state, finite = state.apply_gradients_if_finite(grads, global_sum(loss),
+  global_loss = global_sum(loss)
+  new_state, finite = state.apply_gradients_if_finite(grads, global_loss,
                                                       batch_stats=batch_stats)
   new_state, nonfinite, scale_metrics = loss_scale.after_step(
-      new_state, state.loss_scale, finite, global_sum(loss))
+      new_state, state.loss_scale, finite, global_loss)
 
   labels = batch['label']
   labelled = labels != ignore_label
   correct = jnp.sum((jnp.argmax(logits, -1) == labels) & labelled)
   metrics = {
-      'loss': global_sum(loss),
+      'loss': global_loss,
       'main_loss': global_sum(main_loss),
       'pixel_accuracy': global_sum(correct) / jnp.maximum(global_sum(jnp.sum(labelled)), 1),
       'grad_norm': optax.tree.norm(grads),

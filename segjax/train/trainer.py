@@ -29,8 +29,7 @@ def create_state(config) -> TrainState:
   tx = optimizers.build_optimizer(config.optimizer, config.num_train_steps)
   height, width = config.dataset.crop_size
   state = create_train_state(model, tx, jax.random.PRNGKey(config.seed), (1, height, width, 3))
-  if loss_scale.enabled(config):
-    state = state.replace(loss_scale=loss_scale.DynamicLossScale.create())
+  state = state.replace(loss_scale=loss_scale.initial(config))
   # Pretrained weights (segjax.convert); a resume then replaces every array (loop.run).
   return init_from.apply_to_state(state, config.init_from) if 'init_from' in config else state
 
