@@ -59,10 +59,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   # naming the step (the latest checkpoint is the last good state); 'skip': count it
   # in the train metrics ('skipped_steps') and go on. See segjax/train/loop.py.
   config.nonfinite = 'stop'
-  # How convolutions compute their filter gradient in training (segjax.models.layers
-  # CONV_WEIGHT_GRADS): 'xla', or 'taps_1x1' / 'taps' as matmuls, which ran the CPU train
-  # step of FCN-ResNet50 1.42x faster (experiments/benchmarks). Same gradients to rounding.
-  # 'auto': 'taps_1x1' when JAX's default backend is the CPU, 'xla' on GPU/TPU.
+  # How convolutions are computed (segjax.models.layers.CONV_WEIGHT_GRADS): 'xla', or
+  # per-tap matmuls: 'tap_matmuls' (both gradients, and the forward of 1x1 and mostly-
+  # padding dilated convs, e.g. ASPP's), 'taps' / 'taps_1x1' (filter gradient only).
+  # Same values to float rounding. 'auto': 'tap_matmuls' when JAX's default backend is
+  # the CPU (FCN-ResNet50 train step 1.47x, DeepLabV3 inference 1.74x faster than
+  # 'taps_1x1'; experiments/benchmarks), 'xla' on GPU/TPU.
   config.conv_weight_grad = 'auto'
   # Batches put on the devices ahead of the step that uses them, so the host-to-device
   # copy overlaps the running step (segjax.train.loop.DevicePrefetch); 0: put each batch

@@ -248,7 +248,7 @@ def main(argv):
   if _STEPS.value < 5 and not _MEMORY_SIDE.value:
     print(f'note: --steps={_STEPS.value} < 5; the issue asks for at least 5 timed steps')
   size = parse_size(_SIZE.value) if _SIZE.value else None
-  # The flag, else the config's choice (both default to 'auto': taps_1x1 on CPU).
+  # The flag, else the config's choice (both default to 'auto': tap_matmuls on CPU).
   conv_grad = _CONV_GRAD.value or (config.conv_weight_grad if config is not None else 'auto')
   context = layers.conv_weight_grad(conv_grad)
   if _WORKLOAD.value != 'roi_align' and config is None:
@@ -328,7 +328,7 @@ if __name__ == '__main__':
                               '(one subprocess each).')
   _MEMORY_SIDE = flags.DEFINE_enum('memory_side', None, ['segjax', 'torchvision'],
                                    'Internal: measure one side\'s memory in this process.')
-  _CONV_GRAD = flags.DEFINE_string('conv_weight_grad', None, 'segjax conv filter gradient: '
+  _CONV_GRAD = flags.DEFINE_string('conv_weight_grad', None, 'how segjax computes convs: '
                                    'see segjax.models.layers.CONV_WEIGHT_GRADS (default: the config\'s, '
                                    'else \'auto\').')
   _JSON = flags.DEFINE_string('json', None, 'Write all results to this JSON file.')

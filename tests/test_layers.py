@@ -290,7 +290,83 @@ def test_conv_taps_gradients_equal_jax_grad_of_the_plain_conv(kernel, stride, di
   np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize('impl', ['taps', 'taps_1x1', 'auto'])
+# (kernel, stride, dilation, input H, W) beyond _TAPS_CASES: ASPP's dilations on maps
+# smaller than the dilation (off-centre taps partly or wholly in the padding).
+_SPARSE_CASES = [(3, 1, 6, 10, 9), (3, 1, 12, 10, 10), (3, 1, 5, 13, 7)]
+
+
+@pytest.mark.parametrize('kernel,stride,dilation,height,width', _TAPS_CASES + _SPARSE_CASES)
+def test_conv_tap_matmuls_value_and_gradients_equal_the_plain_conv(kernel, stride, dilation,
+                                                                   height, width):
+  kx, kw, kg = jax.random.split(jax.random.key(3), 3)
+  x = jax.random.normal(kx, (2, height, width, 5))
+  w = jax.random.normal(kw, (kernel, kernel, 5, 4))
+  strides, dil = (stride, stride), (dilation, dilation)
+  padding = layers.torch_padding(kernel, dilation)
+  plain = lambda x_, w_: layers._conv_nhwc(x_, w_, strides, padding, dil)  # noqa: E731
+  ours = lambda x_, w_: layers.conv_tap_matmuls(x_, w_, strides, padding, dil)  # noqa: E731
+  g = jax.random.normal(kg, plain(x, w).shape)
+  np.testing.assert_allclose(jax.jit(ours)(x, w), plain(x, w), rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(layers.conv_as_tap_matmuls(x, w, strides, padding, dil),
+                             plain(x, w), rtol=1e-5, atol=1e-4)
+  want = jax.grad(lambda x_, w_: jnp.sum(plain(x_, w_) * g), argnums=(0, 1))(x, w)
+  got = jax.jit(jax.grad(lambda x_, w_: jnp.sum(ours(x_, w_) * g), argnums=(0, 1)))(x, w)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-4)
+
+
+def test_padding_fraction_by_hand():
+  # 3x3, dilation 36 on 40 rows: the off-centre taps reach 4 of the 40 rows each, so
+  # (4 + 40 + 4) / 120 = 0.4 of a row's products are real; 1 - 0.4^2 = 0.84 pad.
+  assert layers.padding_fraction((40, 40), (3, 3), (1, 1), ((36, 36), (36, 36)),
+                                 (36, 36)) == pytest.approx(0.84)
+  # dilation 1: each off-centre tap misses one row of 40.
+  assert layers.padding_fraction((40, 40), (3, 3), (1, 1), ((1, 1), (1, 1)),
+                                 (1, 1)) == pytest.approx(1 - (118 / 120) ** 2)
+  assert layers.padding_fraction((7, 5), (1, 1), (2, 2), ((0, 0), (0, 0)), (1, 1)) == 0.0
+
+
+def test_conv_tap_matmuls_where_every_tap_is_in_the_padding_gives_zeros():
+  # 2x2 kernel, dilation 2, 1 pixel of padding on a 1x1 input: the one output reads
+  # input rows -1 and 1 only.
+  x = jnp.ones((1, 1, 1, 3))
+  w = jnp.ones((2, 2, 3, 2))
+  args = ((1, 1), ((1, 1), (1, 1)), (2, 2))
+  want = layers._conv_nhwc(x, w, *args)
+  assert want.shape == (1, 1, 1, 2)
+  np.testing.assert_array_equal(layers.conv_as_tap_matmuls(x, w, *args), want)
+  np.testing.assert_array_equal(want, 0.0)
+
+
+def _primitives(fn, *args) -> set[str]:
+  """The primitives of fn's jaxpr, including those inside nested jaxprs (custom_vjp)."""
+  names = set()
+  pending = list(jax.make_jaxpr(fn)(*args).jaxpr.eqns)
+  while pending:
+    eqn = pending.pop()
+    names.add(str(eqn.primitive))
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      pending.extend(sub.eqns)
+  return names
+
+
+@pytest.mark.parametrize('dilation,forward_conv', [(1, True), (12, False)])
+def test_conv_tap_matmuls_uses_xla_conv_only_for_a_dense_forward(dilation, forward_conv):
+  """Forward: XLA's conv unless >= SPARSE_TAP_FRACTION of it would be padding
+  (dilation 12 on 16x16: 1 - (40/48)^2 = 0.31); the gradients never use it."""
+  x = jnp.ones((1, 16, 16, 4))
+  w = jnp.ones((3, 3, 4, 4))
+  args = ((1, 1), layers.torch_padding(3, dilation), (dilation, dilation))
+  fwd = _primitives(lambda x_, w_: layers.conv_tap_matmuls(x_, w_, *args), x, w)
+  assert ('conv_general_dilated' in fwd) is forward_conv
+  grad = jax.grad(lambda x_, w_: jnp.sum(layers.conv_tap_matmuls(x_, w_, *args) ** 2),
+                  argnums=(0, 1))
+  hlo = jax.jit(grad).lower(x, w).as_text()
+  assert hlo.count('convolution') == int(forward_conv)  # the forward's, if any
+  assert 'dot_general' in hlo
+
+
+@pytest.mark.parametrize('impl', ['taps', 'taps_1x1', 'tap_matmuls', 'auto'])
 def test_conv_weight_grad_option_keeps_params_outputs_and_gradients(impl):
   """A ConvBN stack under `conv_weight_grad(impl)`: same parameters, outputs and
   gradients (to float rounding) as the default XLA gradient."""
@@ -318,13 +394,16 @@ def test_conv_weight_grad_option_keeps_params_outputs_and_gradients(impl):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), got, want)
 
 
-def test_auto_conv_weight_grad_is_taps_1x1_on_cpu_and_xla_elsewhere(monkeypatch):
+def test_auto_conv_weight_grad_is_tap_matmuls_on_cpu_and_xla_elsewhere(monkeypatch):
   assert jax.default_backend() == 'cpu'
-  assert layers.resolve_conv_weight_grad('auto') == 'taps_1x1'
+  assert layers.resolve_conv_weight_grad('auto') == 'tap_matmuls'
   assert layers.resolve_conv_weight_grad('taps') == 'taps'
-  # What conv2d builds outside any context: the per-tap filter gradient for 1x1 only.
-  assert layers.conv2d(4, 1).conv_general_dilated is layers.conv_general_dilated_taps
-  assert layers.conv2d(4, 3).conv_general_dilated is None
+  # What conv2d builds outside any context: per-tap matmuls for every kernel size.
+  assert layers.conv2d(4, 1).conv_general_dilated is layers.conv_general_dilated_tap_matmuls
+  assert layers.conv2d(4, 3).conv_general_dilated is layers.conv_general_dilated_tap_matmuls
+  with layers.conv_weight_grad('taps_1x1'):
+    assert layers.conv2d(4, 1).conv_general_dilated is layers.conv_general_dilated_taps
+    assert layers.conv2d(4, 3).conv_general_dilated is None
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   assert layers.resolve_conv_weight_grad('auto') == 'xla'
   assert layers.conv2d(4, 1).conv_general_dilated is None

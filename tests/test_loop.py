@@ -116,18 +116,20 @@ def test_checkpointer_refuses_to_write_nan_parameters(tmp_path):
 
 
 def test_conv_weight_grad_option_reaches_the_train_step(tmp_path, data_dir):
-  """One SGD step with 'taps' (every filter gradient as per-tap matmuls) against XLA's:
+  """One SGD step with 'taps' (every filter gradient as per-tap matmuls) and with
+  'tap_matmuls' (both gradients, and 1x1 forwards, as per-tap matmuls) against XLA's:
   equal to float rounding, and not bit-identical, so the option reached the traced step.
   (Over several steps of this tiny-batch net, BatchNorm amplifies rounding to percents.)"""
   finals = {}
-  for impl in ('xla', 'taps'):
+  for impl in ('xla', 'taps', 'tap_matmuls'):
     config = _tiny_config(data_dir, steps=1, checkpoint_every=1, conv_weight_grad=impl)
     config.optimizer.name, config.optimizer.momentum = 'sgd', 0.0
     trainer.train_and_evaluate(config, str(tmp_path / impl))
     finals[impl] = jax.tree_util.tree_leaves(_params(str(tmp_path / impl), config).params)
-  for a, b in zip(finals['xla'], finals['taps'], strict=True):
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
-  assert any(not np.array_equal(a, b) for a, b in zip(finals['xla'], finals['taps']))
+  for impl in ('taps', 'tap_matmuls'):
+    for a, b in zip(finals['xla'], finals[impl], strict=True):
+      np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+    assert any(not np.array_equal(a, b) for a, b in zip(finals['xla'], finals[impl]))
 
 
 def test_unknown_conv_weight_grad_is_rejected_naming_the_choices():

@@ -62,39 +62,51 @@ def torch_padding(kernel_size: int | Sequence[int],
 
 
 # ---------------------------------------------------------------------------
-# The convolution's filter gradient.
+# How a convolution is computed: `conv_weight_grad(...)` around tracing.
 #
 # XLA's CPU backend computes the filter gradient of a convolution (the backward conv
 # with the batch as the contraction) several times slower than the forward conv or a
-# matmul of the same FLOPs (DESIGN.md, "Known sharp edges"). 'taps' computes it
-# instead as one matmul per kernel tap: dw[i, j] = x_shift(i, j)^T @ dy over the
-# [B * Ho * Wo] rows, where x_shift is the padded input strided and offset to tap
-# (i, j). Same sums as jax.grad of the conv, different summation order. The input
-# gradient stays XLA's. Selected with `conv_weight_grad(...)` around tracing;
-# 'taps_1x1' uses it for 1x1 kernels only (there it is one plain matmul), measured in
-# experiments/benchmarks/README.md. 'auto' (the default) is 'taps_1x1' when the default
-# backend is the CPU, where it measured faster (FCN-ResNet50 train step 1.42x,
-# DeepLabV3 1.26x), and 'xla' elsewhere (GPU/TPU convs are the vendor library's).
+# matmul of the same FLOPs (DESIGN.md, "Known sharp edges"), and its forward conv
+# slows to 43-67 GFLOP/s at the large dilations of DeepLab's ASPP (12/24/36 on a
+# 40x40 map), against ~170 at dilation 2. Per-tap matmuls avoid both: a kxk conv is
+# the sum over its k*k taps of (the input shifted to that tap) @ w[i, j], and each
+# tap's matmul needs only the output window whose input is inside the image, so the
+# products with the zero padding are never computed (at dilation 36 on 40x40 only
+# the centre tap is whole). Same sums as the plain conv, in a different order.
+#
+# The choices:
+# - 'xla': XLA's convolution and its gradients.
+# - 'taps': XLA's forward and input gradient; the filter gradient as per-tap matmuls
+#   (`filter_grad_taps`: dw[i, j] = x_shift(i, j)^T @ dy).
+# - 'taps_1x1': 'taps' for 1x1 kernels only (there it is one matmul), XLA elsewhere.
+# - 'tap_matmuls': both gradients as per-tap matmuls over the valid windows
+#   (`conv_tap_matmuls`); the forward too for 1x1 kernels and wherever at least
+#   `SPARSE_TAP_FRACTION` of the dense products would multiply padding, else XLA's.
+# - 'auto' (the default): 'tap_matmuls' when JAX's default backend is the CPU, where
+#   it measured fastest (experiments/benchmarks/README.md), and 'xla' elsewhere
+#   (GPU/TPU convs are the vendor library's).
 
-CONV_WEIGHT_GRADS = ('auto', 'xla', 'taps', 'taps_1x1')
+CONV_WEIGHT_GRADS = ('auto', 'xla', 'taps', 'taps_1x1', 'tap_matmuls')
 _CONV_WEIGHT_GRAD = contextvars.ContextVar('segjax_conv_weight_grad', default='auto')
+# 'tap_matmuls' computes the forward as tap matmuls when at least this fraction of the
+# dense conv's products multiply padding (measured: XLA's forward wins below ~0.2).
+SPARSE_TAP_FRACTION = 0.2
 
 
 def resolve_conv_weight_grad(impl: str) -> str:
   """`impl` with 'auto' replaced by the choice for `jax.default_backend()`."""
   if impl == 'auto':
-    return 'taps_1x1' if jax.default_backend() == 'cpu' else 'xla'
+    return 'tap_matmuls' if jax.default_backend() == 'cpu' else 'xla'
   return impl
 
 
 @contextlib.contextmanager
 def conv_weight_grad(impl: str) -> Iterator[None]:
-  """Convs built by `conv2d` while tracing inside this context use filter gradient `impl`.
+  """Convs built by `conv2d` while tracing inside this context are computed by `impl`.
 
-  'xla': XLA's own; 'taps': per-tap matmuls (see above); 'taps_1x1': per-tap matmuls
-  for 1x1 kernels, XLA's for the others; 'auto': 'taps_1x1' on CPU, else 'xla' (the
-  default outside any context). The choice is read when a
-  module is traced (its jit compiled), so wrap the first call of a jitted step.
+  One of CONV_WEIGHT_GRADS (see the comment above them); 'auto' is the default
+  outside any context. The choice is read when a module is traced (its jit
+  compiled), so wrap the first call of a jitted step.
   """
   if impl not in CONV_WEIGHT_GRADS:
     raise ValueError(f'conv_weight_grad={impl!r} is not valid; choose one of '
@@ -160,14 +172,112 @@ def _conv_taps_bwd(strides, padding, dilation, residuals, dy):
 conv_taps.defvjp(_conv_taps_fwd, _conv_taps_bwd)
 
 
-def conv_general_dilated_taps(lhs, rhs, window_strides, padding, lhs_dilation=None,
+def _tap_windows(in_size: int, out_size: int, kernel: int, stride: int, pad_lo: int,
+                 dilation: int) -> list[tuple[int, int, int, int]]:
+  """Per tap along one axis: (tap, first input index, first output, end output) of the
+  outputs whose input `stride * o + tap * dilation - pad_lo` lies inside [0, in_size)."""
+  windows = []
+  for tap in range(kernel):
+    offset = tap * dilation - pad_lo
+    first = max(0, -(offset // stride))  # ceil(-offset / stride)
+    end = min(out_size, (in_size - 1 - offset) // stride + 1)
+    if end > first:
+      windows.append((tap, stride * first + offset, first, end))
+  return windows
+
+
+def _conv_out_size(in_size, kernel, stride, pad, dilation):
+  return (in_size + pad[0] + pad[1] - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def padding_fraction(in_hw: Sequence[int], kernel_hw: Sequence[int],
+                     strides: Sequence[int], padding: Sequence[Sequence[int]],
+                     dilation: Sequence[int]) -> float:
+  """The fraction of a dense conv's products that multiply padding (0 for 1x1)."""
+  fractions = []
+  for n, k, s, p, d in zip(in_hw, kernel_hw, strides, padding, dilation):
+    out = _conv_out_size(n, k, s, p, d)
+    valid = sum(end - first for _, _, first, end in _tap_windows(n, out, k, s, p[0], d))
+    fractions.append(valid / (k * out))
+  return 1.0 - fractions[0] * fractions[1]
+
+
+def conv_as_tap_matmuls(x: jax.Array, w: jax.Array, strides: tuple[int, int],
+                        padding: tuple[tuple[int, int], ...],
+                        dilation: tuple[int, int]) -> jax.Array:
+  """The NHWC x HWIO conv as one matmul per kernel tap over its valid output window.
+
+  Taps whose window is empty (wholly in the padding) are skipped. Each matmul
+  accumulates in float32 and the sum is cast to x's dtype once.
+  """
+  batch, in_h, in_w, cin = x.shape
+  kh, kw, _, cout = w.shape
+  out_h = _conv_out_size(in_h, kh, strides[0], padding[0], dilation[0])
+  out_w = _conv_out_size(in_w, kw, strides[1], padding[1], dilation[1])
+  rows = _tap_windows(in_h, out_h, kh, strides[0], padding[0][0], dilation[0])
+  cols = _tap_windows(in_w, out_w, kw, strides[1], padding[1][0], dilation[1])
+  total = None
+  for i, r_in, r0, r1 in rows:
+    for j, c_in, c0, c1 in cols:
+      window = lax.slice(x, (0, r_in, c_in, 0),
+                         (batch, r_in + strides[0] * (r1 - r0 - 1) + 1,
+                          c_in + strides[1] * (c1 - c0 - 1) + 1, cin),
+                         (1, strides[0], strides[1], 1))
+      part = lax.dot_general(window, w[i, j], (((3,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+      if (r0, r1, c0, c1) != (0, out_h, 0, out_w):
+        part = jnp.pad(part, ((0, 0), (r0, out_h - r1), (c0, out_w - c1), (0, 0)))
+      total = part if total is None else total + part
+  if total is None:  # every tap in the padding: the conv of zeros
+    return jnp.zeros((batch, out_h, out_w, cout), x.dtype)
+  return total.astype(x.dtype)
+
+
+def _tap_matmuls_forward_is_faster(x_shape, w_shape, strides, padding, dilation) -> bool:
+  if tuple(w_shape[:2]) == (1, 1):
+    return True
+  return padding_fraction(x_shape[1:3], w_shape[:2], strides, padding,
+                          dilation) >= SPARSE_TAP_FRACTION
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv_tap_matmuls(x: jax.Array, w: jax.Array, strides: tuple[int, int],
+                     padding: tuple[tuple[int, int], ...],
+                     dilation: tuple[int, int]) -> jax.Array:
+  """NHWC x HWIO conv whose gradients are those of `conv_as_tap_matmuls`.
+
+  The forward is `conv_as_tap_matmuls` for 1x1 kernels and where at least
+  SPARSE_TAP_FRACTION of the dense products would multiply padding, else XLA's conv.
+  """
+  if _tap_matmuls_forward_is_faster(x.shape, w.shape, strides, padding, dilation):
+    return conv_as_tap_matmuls(x, w, strides, padding, dilation)
+  return _conv_nhwc(x, w, strides, padding, dilation)
+
+
+def _conv_tap_matmuls_fwd(x, w, strides, padding, dilation):
+  return conv_tap_matmuls(x, w, strides, padding, dilation), (x, w)
+
+
+def _conv_tap_matmuls_bwd(strides, padding, dilation, residuals, dy):
+  x, w = residuals
+  _, vjp = jax.vjp(lambda x_, w_: conv_as_tap_matmuls(x_, w_, strides, padding, dilation),
+                   x, w)
+  return vjp(dy)
+
+
+conv_tap_matmuls.defvjp(_conv_tap_matmuls_fwd, _conv_tap_matmuls_bwd)
+
+
+def _conv_general_dilated_via(op, lhs, rhs, window_strides, padding, lhs_dilation=None,
                               rhs_dilation=None, dimension_numbers=None,
                               feature_group_count=1, precision=None, **kwargs):
-  """`lax.conv_general_dilated` with `conv_taps`'s gradient where it applies (NHWC/HWIO,
-  explicit padding, no input dilation or groups); otherwise the plain op."""
+  """`lax.conv_general_dilated`'s signature computed by `op` (`conv_taps` or
+  `conv_tap_matmuls`) where it applies (NHWC/HWIO, explicit non-negative padding, no
+  input dilation or groups); otherwise the plain op."""
   rhs_dilation = tuple(rhs_dilation or (1,) * (lhs.ndim - 2))
   nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
   plain = (lhs.ndim != 4 or isinstance(padding, str) or feature_group_count != 1 or kwargs
+           or any(p < 0 for pair in padding for p in pair)
            or precision is not None or any(d != 1 for d in (lhs_dilation or (1, 1)))
            or (dimension_numbers is not None and
                lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != nhwc))
@@ -175,8 +285,13 @@ def conv_general_dilated_taps(lhs, rhs, window_strides, padding, lhs_dilation=No
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                     rhs_dilation, dimension_numbers, feature_group_count,
                                     precision=precision, **kwargs)
-  return conv_taps(lhs, rhs, tuple(int(s) for s in window_strides),
-                   tuple((int(a), int(b)) for a, b in padding), rhs_dilation)
+  return op(lhs, rhs, tuple(int(s) for s in window_strides),
+            tuple((int(a), int(b)) for a, b in padding), tuple(int(d) for d in rhs_dilation))
+
+
+conv_general_dilated_taps = functools.partial(_conv_general_dilated_via, conv_taps)
+conv_general_dilated_tap_matmuls = functools.partial(_conv_general_dilated_via,
+                                                     conv_tap_matmuls)
 
 
 def conv2d(features: int, kernel_size: int | Sequence[int] = 3, *,
@@ -186,21 +301,27 @@ def conv2d(features: int, kernel_size: int | Sequence[int] = 3, *,
            name: str | None = None, weight_grad: str | None = None) -> nn.Conv:
   """A `nn.Conv` with PyTorch padding (`dilation * (k - 1) // 2` per side).
 
-  `weight_grad`: the filter gradient, one of CONV_WEIGHT_GRADS; None = the one set by
-  `conv_weight_grad(...)` (default 'auto'). Parameters and outputs do not depend on it.
+  `weight_grad`: how the conv is computed, one of CONV_WEIGHT_GRADS; None = the one set
+  by `conv_weight_grad(...)` (default 'auto'). Parameters do not depend on it, outputs
+  only by float rounding.
   """
   weight_grad = weight_grad or _CONV_WEIGHT_GRAD.get()
   if weight_grad not in CONV_WEIGHT_GRADS:
     raise ValueError(f'weight_grad={weight_grad!r} is not valid; choose one of '
                      f'{list(CONV_WEIGHT_GRADS)}')
   weight_grad = resolve_conv_weight_grad(weight_grad)
-  taps = weight_grad == 'taps' or (weight_grad == 'taps_1x1' and _pair(kernel_size) == (1, 1))
+  if weight_grad == 'tap_matmuls':
+    conv_op = conv_general_dilated_tap_matmuls
+  elif weight_grad == 'taps' or (weight_grad == 'taps_1x1' and _pair(kernel_size) == (1, 1)):
+    conv_op = conv_general_dilated_taps
+  else:
+    conv_op = None
   return nn.Conv(
       features, _pair(kernel_size), strides=_pair(strides),
       padding=torch_padding(kernel_size, dilation),
       kernel_dilation=_pair(dilation), use_bias=use_bias, dtype=dtype,
       kernel_init=kernel_init, name=name,
-      conv_general_dilated=conv_general_dilated_taps if taps else None)
+      conv_general_dilated=conv_op)
 
 
 def batch_norm(train: bool, *, axis_name: str | None = None,
