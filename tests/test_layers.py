@@ -336,6 +336,11 @@ def test_conv_tap_matmuls_where_every_tap_is_in_the_padding_gives_zeros():
   assert want.shape == (1, 1, 1, 2)
   np.testing.assert_array_equal(layers.conv_as_tap_matmuls(x, w, *args), want)
   np.testing.assert_array_equal(want, 0.0)
+  grads = jax.grad(lambda x_, w_: jnp.sum(layers.conv_tap_matmuls(x_, w_, *args)),
+                   argnums=(0, 1))(x, w)
+  assert [g.shape for g in grads] == [x.shape, w.shape]
+  for g in grads:
+    np.testing.assert_array_equal(g, 0.0)
 
 
 def _primitives(fn, *args) -> set[str]:
@@ -364,6 +369,28 @@ def test_conv_tap_matmuls_uses_xla_conv_only_for_a_dense_forward(dilation, forwa
   hlo = jax.jit(grad).lower(x, w).as_text()
   assert hlo.count('convolution') == int(forward_conv)  # the forward's, if any
   assert 'dot_general' in hlo
+
+
+def test_tap_matmuls_pay_for_1x1_wide_and_mostly_padding_convs_only():
+  pay = lambda x_shape, k, cin, cout, d: layers.tap_matmuls_pay(  # noqa: E731
+      x_shape, (k, k, cin, cout), (1, 1), layers.torch_padding(k, d), (d, d))
+  assert pay((2, 80, 80, 16), 1, 16, 16, 1)            # 1x1: one matmul
+  assert pay((2, 40, 40, 256), 3, 256, 256, 2)         # Cin * Cout = 256 * 256
+  assert pay((2, 40, 40, 2048), 3, 2048, 256, 12)      # ASPP
+  assert pay((16, 3, 3, 32), 3, 32, 32, 1)             # 3x3 on 3x3: 0.4 padding
+  assert not pay((2, 80, 80, 64), 3, 64, 64, 1)        # narrow 3x3: XLA's conv
+  assert not pay((16, 48, 48, 3), 3, 3, 16, 1)
+
+
+def test_tap_matmuls_option_leaves_narrow_3x3_convs_to_xla():
+  x = jnp.ones((1, 12, 12, 16))
+  with layers.conv_weight_grad('tap_matmuls'):
+    narrow = layers.conv2d(16, 3)
+    wide = layers.conv2d(16, 1)
+    prims = {name: _primitives(lambda x_, m=m: m.init_with_output(jax.random.key(0), x_)[0], x)
+             for name, m in (('narrow', narrow), ('wide', wide))}
+  assert 'custom_vjp_call' not in prims['narrow'] and 'conv_general_dilated' in prims['narrow']
+  assert 'custom_vjp_call' in prims['wide'] and 'conv_general_dilated' not in prims['wide']
 
 
 @pytest.mark.parametrize('impl', ['taps', 'taps_1x1', 'tap_matmuls', 'auto'])

@@ -1,12 +1,16 @@
-r"""Convolution filter-gradient speed: XLA's own against `layers.filter_grad_taps`.
+r"""Convolution speed: XLA's own against per-tap matmuls (`layers.filter_grad_taps`,
+`layers.conv_tap_matmuls`).
 
   python -m segjax.benchmarks.conv_grad_bench        # ~1-2 minutes on 2 CPU cores
 
 Shapes are convs of a ResNet-50 at output stride 8 on a 2 x 320 x 320 batch (the
 FCN / DeepLab benchmark rows) plus the 3x3 256->256 conv of DESIGN.md. For each:
 forward, input gradient and filter gradient ('xla': jax.vjp of the plain conv; 'taps':
-per-tap matmuls) as GFLOP/s (2 * B * Ho * Wo * kh * kw * C * K FLOPs each), median of
-`--repeats`, and the float32 matmul peak in the same process. Prints a markdown table.
+per-tap matmuls), and the forward and input gradient of 'tap_matmuls' (per-tap matmuls
+over the valid windows; its filter gradient is the 'taps' one without the padding), as
+dense-equivalent GFLOP/s (2 * B * Ho * Wo * kh * kw * C * K FLOPs each, padding
+included, so skipping it shows as speed), median of `--repeats`, and the float32 matmul
+peak in the same process. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ SHAPES = (
     ('res5 3x3 512->512 d4', 2, 40, 40, 512, 512, 3, 1, 4),
     ('res5 1x1 2048->512', 2, 40, 40, 2048, 512, 1, 1, 1),
     ('ASPP 3x3 2048->256 d12', 2, 40, 40, 2048, 256, 3, 1, 12),
+    ('ASPP 3x3 2048->256 d24', 2, 40, 40, 2048, 256, 3, 1, 24),
+    ('ASPP 3x3 2048->256 d36', 2, 40, 40, 2048, 256, 3, 1, 36),
     ('stem 7x7/2 3->64', 2, 320, 320, 3, 64, 7, 2, 1),
 )
 
@@ -49,8 +55,14 @@ def measure_shape(batch, height, width, cin, cout, k, stride, dilation, repeats=
   xla_filter = jax.jit(lambda x_, w_, g: jax.vjp(lambda b: conv(x_, b), w_)[1](g)[0])
   taps_filter = jax.jit(lambda x_, g: layers.filter_grad_taps(x_, g, w.shape, strides,
                                                               padding, dil))
+  ours = lambda x_, w_: layers.conv_tap_matmuls(x_, w_, strides, padding, dil)  # noqa: E731
+  ours_forward = jax.jit(ours)
+  ours_input_grad = jax.jit(lambda x_, w_, g: jax.vjp(lambda a: ours(a, w_), x_)[1](g)[0])
   return {
       'forward': flops / median_seconds(lambda: forward(x, w), repeats) / 1e9,
+      'forward_tap_matmuls': flops / median_seconds(lambda: ours_forward(x, w), repeats) / 1e9,
+      'input_grad_tap_matmuls': flops / median_seconds(lambda: ours_input_grad(x, w, dy),
+                                                       repeats) / 1e9,
       'input_grad': flops / median_seconds(lambda: input_grad(x, w, dy), repeats) / 1e9,
       'filter_grad_xla': flops / median_seconds(lambda: xla_filter(x, w, dy), repeats) / 1e9,
       'filter_grad_taps': flops / median_seconds(lambda: taps_filter(x, dy), repeats) / 1e9,
@@ -66,12 +78,13 @@ def main():
   dtype = jnp.dtype(args.dtype)
   print(f'dtype {args.dtype}')
   print(f'matmul peak (2048^2 f32): {matmul_peak_gflops():.0f} GFLOP/s\n')
-  print('| conv (NHWC, HWIO) | forward | input grad | filter grad xla | filter grad taps | '
-        'taps / xla |')
-  print('|---|---|---|---|---|---|')
+  print('| conv (NHWC, HWIO) | forward xla | forward tap_matmuls | input grad xla | '
+        'input grad tap_matmuls | filter grad xla | filter grad taps | taps / xla |')
+  print('|---|---|---|---|---|---|---|---|')
   for name, *shape in SHAPES[:args.shapes]:
     r = measure_shape(*shape, repeats=args.repeats, dtype=dtype)
-    print(f"| {name} | {r['forward']:.0f} | {r['input_grad']:.0f} | "
+    print(f"| {name} | {r['forward']:.0f} | {r['forward_tap_matmuls']:.0f} | "
+          f"{r['input_grad']:.0f} | {r['input_grad_tap_matmuls']:.0f} | "
           f"{r['filter_grad_xla']:.0f} | {r['filter_grad_taps']:.0f} | "
           f"{r['filter_grad_taps'] / r['filter_grad_xla']:.2f}x |", flush=True)
 

@@ -79,9 +79,12 @@ def torch_padding(kernel_size: int | Sequence[int],
 # - 'taps': XLA's forward and input gradient; the filter gradient as per-tap matmuls
 #   (`filter_grad_taps`: dw[i, j] = x_shift(i, j)^T @ dy).
 # - 'taps_1x1': 'taps' for 1x1 kernels only (there it is one matmul), XLA elsewhere.
-# - 'tap_matmuls': both gradients as per-tap matmuls over the valid windows
-#   (`conv_tap_matmuls`); the forward too for 1x1 kernels and wherever at least
-#   `SPARSE_TAP_FRACTION` of the dense products would multiply padding, else XLA's.
+# - 'tap_matmuls': where tap matmuls pay (`tap_matmuls_pay`: 1x1 kernels, convs with
+#   at least `TAP_MATMUL_MIN_CHANNELS` = Cin * Cout, or with at least
+#   `SPARSE_TAP_FRACTION` of the dense products on padding), both gradients as per-tap
+#   matmuls over the valid windows (`conv_tap_matmuls`), and the forward too for 1x1
+#   kernels and the mostly-padding convs; XLA's conv and gradients elsewhere (narrow
+#   3x3 convs, where the per-tap slices and sums cost more than the matmuls save).
 # - 'auto' (the default): 'tap_matmuls' when JAX's default backend is the CPU, where
 #   it measured fastest (experiments/benchmarks/README.md), and 'xla' elsewhere
 #   (GPU/TPU convs are the vendor library's).
@@ -91,6 +94,10 @@ _CONV_WEIGHT_GRAD = contextvars.ContextVar('segjax_conv_weight_grad', default='a
 # 'tap_matmuls' computes the forward as tap matmuls when at least this fraction of the
 # dense conv's products multiply padding (measured: XLA's forward wins below ~0.2).
 SPARSE_TAP_FRACTION = 0.2
+# ... and computes the whole conv as tap matmuls only from this Cin * Cout up (measured:
+# a 3x3 256->256 conv's gradients 1.6x faster as tap matmuls on 2x40x40, a 3x3 64->64
+# one and the 16- to 128-channel convs of the digit_scenes ResNet-18 slower).
+TAP_MATMUL_MIN_CHANNELS = 256 * 256
 
 
 def resolve_conv_weight_grad(impl: str) -> str:
@@ -240,6 +247,20 @@ def _tap_matmuls_forward_is_faster(x_shape, w_shape, strides, padding, dilation)
                           dilation) >= SPARSE_TAP_FRACTION
 
 
+def tap_matmuls_pay(x_shape, w_shape, strides, padding, dilation) -> bool:
+  """Whether 'tap_matmuls' computes this conv as tap matmuls (else it is XLA's)."""
+  kh, kw, cin, cout = w_shape
+  return ((kh, kw) == (1, 1) or cin * cout >= TAP_MATMUL_MIN_CHANNELS
+          or padding_fraction(x_shape[1:3], (kh, kw), strides, padding,
+                              dilation) >= SPARSE_TAP_FRACTION)
+
+
+def _conv_tap_matmuls_where_they_pay(x, w, strides, padding, dilation):
+  if tap_matmuls_pay(x.shape, w.shape, strides, padding, dilation):
+    return conv_tap_matmuls(x, w, strides, padding, dilation)
+  return _conv_nhwc(x, w, strides, padding, dilation)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def conv_tap_matmuls(x: jax.Array, w: jax.Array, strides: tuple[int, int],
                      padding: tuple[tuple[int, int], ...],
@@ -291,7 +312,7 @@ def _conv_general_dilated_via(op, lhs, rhs, window_strides, padding, lhs_dilatio
 
 conv_general_dilated_taps = functools.partial(_conv_general_dilated_via, conv_taps)
 conv_general_dilated_tap_matmuls = functools.partial(_conv_general_dilated_via,
-                                                     conv_tap_matmuls)
+                                                     _conv_tap_matmuls_where_they_pay)
 
 
 def conv2d(features: int, kernel_size: int | Sequence[int] = 3, *,
