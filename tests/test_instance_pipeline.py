@@ -109,6 +109,17 @@ def test_resize_and_pad_synthetic_record():
   assert out['image_id'] == 5 and out['gt_masks'].dtype == np.uint8
 
 
+def test_resized_whole_image_box_stays_inside_the_image():
+  # Found by tests/test_fuzz_inputs.py: a 9x11 image resized with min 24 / max 40 is
+  # 24x29, and the whole-image box's x2 = 11 * float32(29 / 11) = 29.000002 > 29.
+  element = {'image': np.zeros((9, 11, 3), np.uint8),
+             'boxes': np.asarray([[0, 0, 11, 9]], np.float32),
+             'masks': np.ones((1, 9, 11), np.uint8)}
+  out = ip.ResizeInstances(24, 40).map(element)
+  assert out['image'].shape[:2] == (24, 29)
+  np.testing.assert_array_equal(out['boxes'], [[0, 0, 29, 24]])
+
+
 def test_pad_truncates_to_max_instances_and_rejects_large_images():
   element = ip.ResizeInstances(40, 80).map(ip.DecodeInstances().map(_synthetic_record()))
   out = ip.PadInstances((40, 80), max_instances=1, pad_value=(0, 0, 0)).map(element)

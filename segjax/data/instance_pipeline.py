@@ -159,8 +159,10 @@ class ResizeInstances(grain.transforms.Map):
     rows = transforms._nearest_indices(height, new_h)  # pylint: disable=protected-access
     cols = transforms._nearest_indices(width, new_w)  # pylint: disable=protected-access
     out['masks'] = element['masks'][:, rows[:, None], cols[None, :]]
-    out['boxes'] = element['boxes'] * np.asarray(
-        [new_w / width, new_h / height, new_w / width, new_h / height], np.float32)
+    # Clipped: in float32, 11 * (29 / 11) is 29.000002, outside a 29-pixel-wide image.
+    out['boxes'] = np.clip(element['boxes'] * np.asarray(
+        [new_w / width, new_h / height, new_w / width, new_h / height], np.float32),
+        0.0, np.asarray([new_w, new_h, new_w, new_h], np.float32))
     return out
 
 
