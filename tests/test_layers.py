@@ -272,17 +272,23 @@ _TAPS_CASES = [(3, 1, 1, 9, 9), (1, 1, 1, 7, 6), (1, 2, 1, 9, 8), (3, 2, 1, 9, 1
                (3, 1, 2, 11, 9), (3, 1, 4, 8, 8), (7, 2, 1, 13, 12), (2, 1, 1, 6, 7)]
 
 
+def _conv_case(seed, kernel, stride, dilation, height, width):
+  """x [2, H, W, 5], w [k, k, 5, 4], a cotangent g, the (strides, padding, dilation)
+  args with PyTorch padding, and the plain XLA conv of them."""
+  kx, kw, kg = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(kx, (2, height, width, 5))
+  w = jax.random.normal(kw, (kernel, kernel, 5, 4))
+  args = ((stride, stride), layers.torch_padding(kernel, dilation), (dilation, dilation))
+  plain = lambda x_, w_: layers._conv_nhwc(x_, w_, *args)  # noqa: E731
+  return x, w, jax.random.normal(kg, plain(x, w).shape), args, plain
+
+
 @pytest.mark.parametrize('kernel,stride,dilation,height,width', _TAPS_CASES)
 def test_conv_taps_gradients_equal_jax_grad_of_the_plain_conv(kernel, stride, dilation,
                                                               height, width):
-  kx, kw, kg = jax.random.split(jax.random.key(1), 3)
-  x = jax.random.normal(kx, (2, height, width, 5))
-  w = jax.random.normal(kw, (kernel, kernel, 5, 4))
-  strides, dil = (stride, stride), (dilation, dilation)
-  padding = layers.torch_padding(kernel, dilation)
-  plain = lambda x_, w_: layers._conv_nhwc(x_, w_, strides, padding, dil)  # noqa: E731
+  x, w, g, (strides, padding, dil), plain = _conv_case(1, kernel, stride, dilation,
+                                                      height, width)
   taps = lambda x_, w_: layers.conv_taps(x_, w_, strides, padding, dil)  # noqa: E731
-  g = jax.random.normal(kg, plain(x, w).shape)
   np.testing.assert_array_equal(taps(x, w), plain(x, w))
   want = jax.grad(lambda x_, w_: jnp.sum(plain(x_, w_) * g), argnums=(0, 1))(x, w)
   got = jax.jit(jax.grad(lambda x_, w_: jnp.sum(taps(x_, w_) * g), argnums=(0, 1)))(x, w)
@@ -298,14 +304,9 @@ _SPARSE_CASES = [(3, 1, 6, 10, 9), (3, 1, 12, 10, 10), (3, 1, 5, 13, 7)]
 @pytest.mark.parametrize('kernel,stride,dilation,height,width', _TAPS_CASES + _SPARSE_CASES)
 def test_conv_tap_matmuls_value_and_gradients_equal_the_plain_conv(kernel, stride, dilation,
                                                                    height, width):
-  kx, kw, kg = jax.random.split(jax.random.key(3), 3)
-  x = jax.random.normal(kx, (2, height, width, 5))
-  w = jax.random.normal(kw, (kernel, kernel, 5, 4))
-  strides, dil = (stride, stride), (dilation, dilation)
-  padding = layers.torch_padding(kernel, dilation)
-  plain = lambda x_, w_: layers._conv_nhwc(x_, w_, strides, padding, dil)  # noqa: E731
+  x, w, g, (strides, padding, dil), plain = _conv_case(3, kernel, stride, dilation,
+                                                      height, width)
   ours = lambda x_, w_: layers.conv_tap_matmuls(x_, w_, strides, padding, dil)  # noqa: E731
-  g = jax.random.normal(kg, plain(x, w).shape)
   np.testing.assert_allclose(jax.jit(ours)(x, w), plain(x, w), rtol=1e-5, atol=1e-4)
   np.testing.assert_allclose(layers.conv_as_tap_matmuls(x, w, strides, padding, dil),
                              plain(x, w), rtol=1e-5, atol=1e-4)

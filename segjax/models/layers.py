@@ -249,10 +249,9 @@ def _tap_matmuls_forward_is_faster(x_shape, w_shape, strides, padding, dilation)
 
 def tap_matmuls_pay(x_shape, w_shape, strides, padding, dilation) -> bool:
   """Whether 'tap_matmuls' computes this conv as tap matmuls (else it is XLA's)."""
-  kh, kw, cin, cout = w_shape
-  return ((kh, kw) == (1, 1) or cin * cout >= TAP_MATMUL_MIN_CHANNELS
-          or padding_fraction(x_shape[1:3], (kh, kw), strides, padding,
-                              dilation) >= SPARSE_TAP_FRACTION)
+  _, _, cin, cout = w_shape
+  return (cin * cout >= TAP_MATMUL_MIN_CHANNELS
+          or _tap_matmuls_forward_is_faster(x_shape, w_shape, strides, padding, dilation))
 
 
 def _conv_tap_matmuls_where_they_pay(x, w, strides, padding, dilation):
