@@ -372,6 +372,77 @@ def test_conv_tap_matmuls_uses_xla_conv_only_for_a_dense_forward(dilation, forwa
   assert 'dot_general' in hlo
 
 
+# (input H, W, dilation (dh, dw), padding): 'same' convs, maps that are not a multiple
+# of the 2d-output tile, unequal dilations and paddings, no padding, and an output
+# smaller than one tile.
+_WINOGRAD_CASES = [(9, 9, (1, 1), ((1, 1), (1, 1))), (11, 7, (2, 2), ((2, 2), (2, 2))),
+                   (10, 13, (3, 1), ((3, 3), (0, 2))), (8, 8, (4, 4), ((4, 4), (4, 4))),
+                   (6, 7, (1, 2), ((0, 0), (0, 0))), (3, 4, (1, 1), ((0, 0), (0, 0)))]
+
+
+@pytest.mark.parametrize('height,width,dilation,padding', _WINOGRAD_CASES)
+def test_conv3x3_winograd_equals_the_plain_conv(height, width, dilation, padding):
+  kx, kw = jax.random.split(jax.random.key(5))
+  x = jax.random.normal(kx, (2, height, width, 6))
+  w = jax.random.normal(kw, (3, 3, 6, 5))
+  want = layers._conv_nhwc(x, w, (1, 1), padding, dilation)
+  got = jax.jit(lambda x_, w_: layers.conv3x3_winograd(x_, w_, padding, dilation))(x, w)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+
+def test_conv3x3_winograd_in_channel_chunks_equals_one_chunk(monkeypatch):
+  # 16 * 2 * 5 * 5 tiles * 4 bytes = 3200 bytes per input channel.
+  assert layers._winograd_channel_chunk(2 * 5 * 5, 12) == 12
+  # FCN-ResNet50's head, 2x40x40 (800 tiles): 32 MB hold 655 channels, so 512 of 2048.
+  assert layers._winograd_channel_chunk(800, 2048) == 512
+  x = jax.random.normal(jax.random.key(6), (2, 10, 10, 12))
+  w = jax.random.normal(jax.random.key(7), (3, 3, 12, 4))
+  padding = ((1, 1), (1, 1))
+  whole = layers.conv3x3_winograd(x, w, padding, (1, 1))
+  monkeypatch.setattr(layers, 'WINOGRAD_CHUNK_BYTES', 5 * 3200)
+  assert layers._winograd_channel_chunk(2 * 5 * 5, 12) == 4     # 4 divides 12; 5 does not
+  chunked = layers.conv3x3_winograd(x, w, padding, (1, 1))
+  np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(chunked, layers._conv_nhwc(x, w, (1, 1), padding, (1, 1)),
+                             rtol=1e-5, atol=1e-4)
+
+
+def test_winograd_computes_wide_dense_3x3_inference_only():
+  """The undifferentiated forward of a wide dense 3x3 conv is Winograd's (no XLA conv);
+  under jax.grad the forward is XLA's conv and the gradients are unchanged."""
+  x = jax.random.normal(jax.random.key(8), (1, 8, 8, 256))
+  w = jax.random.normal(jax.random.key(9), (3, 3, 256, 256)) / 48.0
+  args = ((1, 1), ((1, 1), (1, 1)), (1, 1))
+  assert layers.winograd_pays(x, w, *args)
+  ours = lambda x_, w_: layers.conv_tap_matmuls(x_, w_, *args)  # noqa: E731
+  plain = lambda x_, w_: layers._conv_nhwc(x_, w_, *args)  # noqa: E731
+  assert 'conv_general_dilated' not in _primitives(ours, x, w)
+  np.testing.assert_allclose(jax.jit(ours)(x, w), plain(x, w), rtol=1e-5, atol=1e-4)
+  loss = lambda f: lambda x_, w_: jnp.sum(f(x_, w_) ** 2)  # noqa: E731
+  hlo = jax.jit(jax.grad(loss(ours), argnums=(0, 1))).lower(x, w).as_text()
+  assert hlo.count('convolution') == 1  # the forward's
+  got = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, w)
+  want = jax.grad(loss(plain), argnums=(0, 1))(x, w)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+
+
+def test_winograd_pays_only_for_wide_dense_stride_1_float32_3x3_convs():
+  x = jnp.ones((2, 40, 40, 256))
+  same = ((1, 1), ((1, 1), (1, 1)), (1, 1))
+  assert layers.winograd_pays(x, jnp.ones((3, 3, 256, 256)), *same)
+  assert not layers.winograd_pays(x, jnp.ones((3, 3, 256, 128)), *same)     # narrow
+  assert not layers.winograd_pays(x, jnp.ones((1, 1, 256, 512)), (1, 1),    # 1x1
+                                  ((0, 0), (0, 0)), (1, 1))
+  assert not layers.winograd_pays(x, jnp.ones((3, 3, 256, 256)), (2, 2),    # strided
+                                  ((1, 1), (1, 1)), (1, 1))
+  assert not layers.winograd_pays(x.astype(jnp.bfloat16),                  # not float32
+                                  jnp.ones((3, 3, 256, 256), jnp.bfloat16), *same)
+  assert not layers.winograd_pays(x, jnp.ones((3, 3, 256, 256)), (1, 1),    # ASPP d=24:
+                                  ((24, 24), (24, 24)), (24, 24))           # tap matmuls
+
+
 def test_tap_matmuls_pay_for_1x1_wide_and_mostly_padding_convs_only():
   pay = lambda x_shape, k, cin, cout, d: layers.tap_matmuls_pay(  # noqa: E731
       x_shape, (k, k, cin, cout), (1, 1), layers.torch_padding(k, d), (d, d))

@@ -21,7 +21,7 @@ from segjax.benchmarks.measure import Workload, compile_monitor, xla_flops
 from segjax.models import build_model
 from segjax.models.detection import mask_rcnn
 from segjax.train import detection_trainer, loss_scale, optimizers, steps
-from segjax.train.state import TrainState
+from segjax.train.state import TrainState, call_jitted_once
 
 MODES = ('train', 'infer')
 
@@ -50,9 +50,9 @@ def create_state(config: ml_collections.ConfigDict) -> TrainState:
   tx = optimizers.build_optimizer(config.optimizer, config.num_train_steps)
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   height, width = config.dataset.crop_size
-  init = jax.jit(functools.partial(model.init, train=False))
-  variables = jax.device_get(init({'params': init_rng, 'dropout': init_rng},
-                                  jnp.zeros((1, height, width, 3), jnp.float32)))
+  variables = jax.device_get(call_jitted_once(
+      functools.partial(model.init, train=False), {'params': init_rng, 'dropout': init_rng},
+      jnp.zeros((1, height, width, 3), jnp.float32)))
   params = variables['params']
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),

@@ -85,6 +85,8 @@ def torch_padding(kernel_size: int | Sequence[int],
 #   matmuls over the valid windows (`conv_tap_matmuls`), and the forward too for 1x1
 #   kernels and the mostly-padding convs; XLA's conv and gradients elsewhere (narrow
 #   3x3 convs, where the per-tap slices and sums cost more than the matmuls save).
+#   Inference (a forward that is not differentiated) computes the wide dense 3x3
+#   stride-1 float32 convs by Winograd's F(2x2, 3x3) instead (`conv3x3_winograd`).
 # - 'auto' (the default): 'tap_matmuls' when JAX's default backend is the CPU, where
 #   it measured fastest (experiments/benchmarks/README.md), and 'xla' elsewhere
 #   (GPU/TPU convs are the vendor library's).
@@ -254,6 +256,119 @@ def tap_matmuls_pay(x_shape, w_shape, strides, padding, dilation) -> bool:
           or _tap_matmuls_forward_is_faster(x_shape, w_shape, strides, padding, dilation))
 
 
+# Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for
+# Convolutional Neural Networks", CVPR 2016): a 2x2 output tile of a 3x3 conv from a
+# 4x4 input tile d is A^T [(G g G^T) * (B^T d B)] A, 16 multiplies instead of 36, so a
+# wide conv becomes 16 matmuls with 4/9 of the direct conv's FLOPs, plus transforms
+# that are sums. Rows are B^T, G and A^T; 0.5 is exact in every float format.
+_WINOGRAD_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
+_WINOGRAD_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
+_WINOGRAD_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+
+
+def _combine(matrix, items):
+  """[sum_j matrix[i][j] * items[j] for each row i], skipping zero coefficients."""
+  out = []
+  for row in matrix:
+    total = None
+    for coefficient, item in zip(row, items):
+      if coefficient == 0:
+        continue
+      term = item if coefficient == 1 else -item if coefficient == -1 else item * coefficient
+      total = term if total is None else total + term
+    out.append(total)
+  return out
+
+
+def _winograd_taps(x: jax.Array, axis: int, tiles: int) -> list[jax.Array]:
+  """The 4 input positions of each output tile along `axis`, transformed by B^T.
+
+  `x` holds that axis split as [tiles + 1, 2, dilation]: tile q with offset r reads
+  input rows 2*d*q + r + d*s, s = 0..3, i.e. [q, s], [q, s] for s < 2 and [q + 1, s - 2].
+  """
+  def take(block, half):
+    start = [0] * x.ndim
+    limit = list(x.shape)
+    start[axis], limit[axis] = block, block + tiles
+    start[axis + 1], limit[axis + 1] = half, half + 1
+    return lax.squeeze(lax.slice(x, start, limit), (axis + 1,))
+  return _combine(_WINOGRAD_BT, [take(0, 0), take(0, 1), take(1, 0), take(1, 1)])
+
+
+def conv3x3_winograd(x: jax.Array, w: jax.Array, padding: tuple[tuple[int, int], ...],
+                     dilation: tuple[int, int]) -> jax.Array:
+  """The stride-1 NHWC x HWIO 3x3 conv (any padding and dilation) by F(2x2, 3x3).
+
+  With dilation d the tiles lie on the dilated lattice: a tile's two outputs along an
+  axis are d apart and read inputs d apart. The output is computed on a grid rounded
+  up to a multiple of 2d (the input padded with zeros to match), then cropped. Same
+  products as the direct conv up to float rounding (max error ~1e-6 of the largest
+  output in float32, tests/test_layers.py).
+  """
+  batch, height, width, cin = x.shape
+  cout = w.shape[-1]
+  (top, bottom), (left, right) = padding
+  dh, dw = dilation
+  out_h = height + top + bottom - 2 * dh
+  out_w = width + left + right - 2 * dw
+  tiles_h, tiles_w = -(-out_h // (2 * dh)), -(-out_w // (2 * dw))
+  pads = ((0, 0), (top, 2 * dh * (tiles_h + 1) - height - top),
+          (left, 2 * dw * (tiles_w + 1) - width - left), (0, 0))
+  # The transformed input is 4x the input: the input channels go in chunks (FCN-
+  # ResNet50 inference's XLA temp buffer: 258 MB unchunked, 212 MB with 32 MB chunks).
+  chunk = _winograd_channel_chunk(batch * tiles_h * dh * tiles_w * dw, cin)
+  m = None
+  for c0 in range(0, cin, chunk):
+    xc = jnp.pad(x[..., c0:c0 + chunk], pads).reshape(
+        batch, tiles_h + 1, 2, dh, tiles_w + 1, 2, dw, -1)
+    wc = w[:, :, c0:c0 + chunk]
+    # B^T d B: along the columns, then along the rows of each column result.
+    cols = _winograd_taps(xc, 4, tiles_w)            # 4 x [b, th+1, 2, dh, tw, dw, c]
+    v = jnp.stack([row for col in cols for row in _winograd_taps(col, 1, tiles_h)])
+    v = v.reshape(16, -1, wc.shape[2])               # [16 (col, row), tiles, c]
+    # G g G^T, in the same (col, row) order.
+    g_rows = _combine(_WINOGRAD_G, [wc[0], wc[1], wc[2]])          # 4 x [3 (kw), c, co]
+    g = [_combine(_WINOGRAD_G, [r[0], r[1], r[2]]) for r in g_rows]  # g[row][col]
+    u = jnp.stack([g[row][col] for col in range(4) for row in range(4)])
+    part = lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))),
+                           preferred_element_type=jnp.float32)
+    m = part if m is None else m + part
+  m = m.reshape(4, 4, batch, tiles_h, dh, tiles_w, dw, cout)     # [col, row, ...]
+  by_col = _combine(_WINOGRAD_AT, [m[c] for c in range(4)])      # 2 (out col) x [4 (row), ...]
+  y = jnp.stack([jnp.stack(_combine(_WINOGRAD_AT, [t[r] for r in range(4)]))
+                 for t in by_col])                               # [out col, out row, ...]
+  y = y.transpose(2, 3, 1, 4, 5, 0, 6, 7).reshape(
+      batch, 2 * dh * tiles_h, 2 * dw * tiles_w, cout)
+  return y[:, :out_h, :out_w].astype(x.dtype)
+
+
+# conv3x3_winograd's transformed input is computed in input-channel chunks of at most
+# this many bytes (FCN-ResNet50's 2048->512 head on 2x40x40: 105 MB whole).
+WINOGRAD_CHUNK_BYTES = 32 * 2**20
+
+
+def _winograd_channel_chunk(tiles: int, cin: int) -> int:
+  """The largest divisor of `cin` whose transformed-input chunk fits the budget
+  (at least 1 channel); whole `cin` when it fits."""
+  for parts in range(1, cin + 1):
+    if cin % parts == 0 and 16 * tiles * (cin // parts) * 4 <= WINOGRAD_CHUNK_BYTES:
+      return cin // parts
+  return 1
+
+
+def winograd_pays(x, w, strides, padding, dilation) -> bool:
+  """Whether `conv_tap_matmuls`'s undifferentiated forward uses `conv3x3_winograd`:
+  dense (not mostly padding) 3x3 stride-1 float32 convs with Cin * Cout at least
+  TAP_MATMUL_MIN_CHANNELS (measured: 1.4x faster for a 3x3 2048->512 conv on 2x40x40,
+  1.4x for 256->256 at dilation 2, no gain at 512->512 dilation 4 or at 128->128)."""
+  kh, kw, cin, cout = w.shape
+  return ((kh, kw) == (3, 3) and tuple(strides) == (1, 1)
+          and x.dtype == jnp.float32 and w.dtype == jnp.float32
+          and cin * cout >= TAP_MATMUL_MIN_CHANNELS
+          and not _tap_matmuls_forward_is_faster(x.shape, w.shape, strides, padding,
+                                                 dilation))
+
+
 def _conv_tap_matmuls_where_they_pay(x, w, strides, padding, dilation):
   if tap_matmuls_pay(x.shape, w.shape, strides, padding, dilation):
     return conv_tap_matmuls(x, w, strides, padding, dilation)
@@ -267,15 +382,24 @@ def conv_tap_matmuls(x: jax.Array, w: jax.Array, strides: tuple[int, int],
   """NHWC x HWIO conv whose gradients are those of `conv_as_tap_matmuls`.
 
   The forward is `conv_as_tap_matmuls` for 1x1 kernels and where at least
-  SPARSE_TAP_FRACTION of the dense products would multiply padding, else XLA's conv.
+  SPARSE_TAP_FRACTION of the dense products would multiply padding, else XLA's conv;
+  when it is not differentiated, `conv3x3_winograd` where `winograd_pays`.
   """
+  if winograd_pays(x, w, strides, padding, dilation):
+    return conv3x3_winograd(x, w, padding, dilation)
+  return _conv_tap_matmuls_forward(x, w, strides, padding, dilation)
+
+
+def _conv_tap_matmuls_forward(x, w, strides, padding, dilation):
   if _tap_matmuls_forward_is_faster(x.shape, w.shape, strides, padding, dilation):
     return conv_as_tap_matmuls(x, w, strides, padding, dilation)
   return _conv_nhwc(x, w, strides, padding, dilation)
 
 
 def _conv_tap_matmuls_fwd(x, w, strides, padding, dilation):
-  return conv_tap_matmuls(x, w, strides, padding, dilation), (x, w)
+  # Under differentiation the forward stays XLA's conv (or tap matmuls): Winograd's
+  # forward measured no faster inside the FCN-ResNet50 train step (ratio 0.97).
+  return _conv_tap_matmuls_forward(x, w, strides, padding, dilation), (x, w)
 
 
 def _conv_tap_matmuls_bwd(strides, padding, dilation, residuals, dy):

@@ -39,7 +39,7 @@ from segjax.data import instance_pipeline, sources
 from segjax.evaluation import coco_eval
 from segjax.models.detection import mask_rcnn
 from segjax.train import init_from, loop, loss_scale, optimizers, parallel, trainer
-from segjax.train.state import TrainState
+from segjax.train.state import TrainState, call_jitted_once
 
 # Outputs fetched from the device at evaluation (proposals stay there).
 _EVAL_OUTPUTS = ('boxes', 'scores', 'labels', 'valid', 'mask_probs', 'mask_scores')
@@ -92,8 +92,9 @@ def create_state(config) -> TrainState:
   tx = build_optimizer(config.optimizer, config.num_train_steps)
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   height, width = config.dataset.pad_size
-  init = jax.jit(functools.partial(model.init, train=False))
-  variables = jax.device_get(init({'params': init_rng}, jnp.zeros((1, height, width, 3))))
+  variables = jax.device_get(call_jitted_once(
+      functools.partial(model.init, train=False), {'params': init_rng},
+      jnp.zeros((1, height, width, 3))))
   params = variables['params']
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                      batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),

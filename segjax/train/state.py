@@ -53,6 +53,21 @@ class TrainState:
                                   updated, kept), finite
 
 
+def call_jitted_once(fn: Callable[..., Any], *args: Any) -> Any:
+  """`jax.jit(fn)(*args)`, with the compiled executable dropped after the call.
+
+  For work a process does once, such as model init: a cached init executable stays
+  resident for the whole run (FCN-ResNet50's: ~50 MB at 320x320, and op-by-op eager
+  init left ~360 MB of cached small executables; experiments/benchmarks/README.md,
+  "Peak memory").
+  """
+  jitted = jax.jit(fn)
+  try:
+    return jitted(*args)
+  finally:
+    jitted.clear_cache()
+
+
 def create_train_state(model, tx: optax.GradientTransformation, rng: jax.Array,
                        input_shape: tuple[int, ...]) -> TrainState:
   """Initialises the model on a zero batch of `input_shape` ([B, H, W, 3])."""
