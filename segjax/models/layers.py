@@ -284,7 +284,8 @@ def _winograd_taps(x: jax.Array, axis: int, tiles: int) -> list[jax.Array]:
   """The 4 input positions of each output tile along `axis`, transformed by B^T.
 
   `x` holds that axis split as [tiles + 1, 2, dilation]: tile q with offset r reads
-  input rows 2*d*q + r + d*s, s = 0..3, i.e. [q, s], [q, s] for s < 2 and [q + 1, s - 2].
+  input rows 2*d*q + r + d*s for s = 0..3: index [q, s, r] of the split axis for s < 2,
+  [q + 1, s - 2, r] for s >= 2.
   """
   def take(block, half):
     start = [0] * x.ndim
