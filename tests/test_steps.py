@@ -177,3 +177,25 @@ def test_gated_update_is_apply_gradients_when_finite_and_a_no_op_otherwise(bad):
   for a, b in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(gated),
                   strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+def test_call_jitted_once_returns_the_jitted_result_and_keeps_no_executable():
+  from segjax.benchmarks.measure import compile_monitor
+  from segjax.train.state import call_jitted_once
+  monitor = compile_monitor()
+  x = jnp.arange(4.0)
+
+  def plain(v):
+    return v * 2.0 + 1.0
+
+  def once(v):
+    return v * 3.0 - 1.0
+
+  before = monitor.snapshot()[0]
+  jax.jit(plain)(x)
+  jax.jit(plain)(x)
+  assert monitor.snapshot()[0] - before == 1  # a kept executable is reused
+  before = monitor.snapshot()[0]
+  np.testing.assert_array_equal(call_jitted_once(once, x), [-1.0, 2.0, 5.0, 8.0])
+  np.testing.assert_array_equal(call_jitted_once(once, x), [-1.0, 2.0, 5.0, 8.0])
+  assert monitor.snapshot()[0] - before == 2  # dropped after each call: compiled again

@@ -56,10 +56,11 @@ class TrainState:
 def call_jitted_once(fn: Callable[..., Any], *args: Any) -> Any:
   """`jax.jit(fn)(*args)`, with the compiled executable dropped after the call.
 
-  For work a process does once, such as model init: a cached init executable stays
-  resident for the whole run (FCN-ResNet50's: ~50 MB at 320x320, and op-by-op eager
-  init left ~360 MB of cached small executables; experiments/benchmarks/README.md,
-  "Peak memory").
+  For work a process does once, such as model init, whose cached executable would
+  otherwise stay resident for the whole run: dropping FCN-ResNet50's jitted init
+  (320x320) freed ~85 MB in a probe. The semantic trainer's init ran op by op before:
+  16 s and 629 MB resident afterwards, against 9 s and 525 MB jitted (one run each;
+  experiments/benchmarks/README.md, "Model init").
   """
   jitted = jax.jit(fn)
   try:
