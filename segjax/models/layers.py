@@ -316,7 +316,7 @@ def conv3x3_winograd(x: jax.Array, w: jax.Array, padding: tuple[tuple[int, int],
   pads = ((0, 0), (top, 2 * dh * (tiles_h + 1) - height - top),
           (left, 2 * dw * (tiles_w + 1) - width - left), (0, 0))
   # The transformed input is 4x the input: the input channels go in chunks (FCN-
-  # ResNet50 inference's XLA temp buffer: 258 MB unchunked, 212 MB with 32 MB chunks).
+  # ResNet50 inference's XLA temp buffer: 258 MB unchunked, 209 MB with 32 MB chunks).
   chunk = _winograd_channel_chunk(batch * tiles_h * dh * tiles_w * dw, cin)
   m = None
   for c0 in range(0, cin, chunk):
