@@ -58,9 +58,7 @@ def call_jitted_once(fn: Callable[..., Any], *args: Any) -> Any:
 
   For work a process does once, such as model init, whose cached executable would
   otherwise stay resident for the whole run: dropping FCN-ResNet50's jitted init
-  (320x320) freed ~85 MB in a probe. The semantic trainer's init ran op by op before:
-  16 s and 629 MB resident afterwards, against 9 s and 525 MB jitted (one run each;
-  experiments/benchmarks/README.md, "Model init").
+  (320x320) freed ~85 MB in a probe (experiments/benchmarks/README.md, "Model init").
   """
   jitted = jax.jit(fn)
   try:

@@ -20,7 +20,7 @@ from segjax.data import pipeline
 from segjax.evaluation.segmentation_metrics import metrics_from_confusion
 from segjax.models import build_model
 from segjax.train import init_from, loop, loss_scale, optimizers, parallel, steps
-from segjax.train.state import TrainState, call_jitted_once, create_train_state
+from segjax.train.state import TrainState, create_train_state
 
 def create_state(config) -> TrainState:
   """The initial TrainState of `config` (host arrays, before any driver placement)."""
@@ -28,10 +28,7 @@ def create_state(config) -> TrainState:
                       bn_axis_name=parallel.bn_axis_name(config.parallel))
   tx = optimizers.build_optimizer(config.optimizer, config.num_train_steps)
   height, width = config.dataset.crop_size
-  # Init compiled once, not op by op: faster, and no cached per-op executables stay.
-  state = call_jitted_once(
-      lambda key: create_train_state(model, tx, key, (1, height, width, 3)),
-      jax.random.PRNGKey(config.seed))
+  state = create_train_state(model, tx, jax.random.PRNGKey(config.seed), (1, height, width, 3))
   state = state.replace(loss_scale=loss_scale.initial(config))
   # Pretrained weights (segjax.convert); a resume then replaces every array (loop.run).
   return init_from.apply_to_state(state, config.init_from) if 'init_from' in config else state
