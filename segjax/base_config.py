@@ -64,7 +64,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # padding dilated convs, e.g. ASPP's; in inference the wide dense 3x3 convs by
   # Winograd F(2x2, 3x3): FCN-ResNet50 0.84x -> 1.12x torchvision's speed, ~85 MB more
   # scratch), 'taps' / 'taps_1x1' (filter gradient only). Same values to float
-  # rounding. 'auto': 'tap_matmuls' when JAX's default backend is the CPU (DeepLabV3-ResNet50 inference 0.59x -> 1.14x torchvision's speed, train step
+  # rounding. 'auto': 'tap_matmuls' when JAX's default backend is the CPU
+  # (DeepLabV3-ResNet50 inference 0.59x -> 1.14x torchvision's speed, train step
   # 0.50x -> 0.81x; experiments/benchmarks), 'xla' on GPU/TPU.
   config.conv_weight_grad = 'auto'
   # Batches put on the devices ahead of the step that uses them, so the host-to-device
