@@ -101,6 +101,25 @@ def test_matches_torchvision_float64_default_levels(sampling_ratio, impl):
     np.testing.assert_allclose(out, expected, atol=1e-10, rtol=0)
 
 
+def test_auto_reads_each_box_on_its_level_only_for_large_pyramids():
+  # On CPU, 'auto' with 2x2 samples on a 512x512 image's levels is 'gather': one read
+  # per box on its own level, where 'matmul' would pool every box on all four.
+  if jax.default_backend() != 'cpu':
+    pytest.skip('the cost rule is the CPU one')
+  rng = np.random.default_rng(4)
+
+  def ops(image_shape):
+    features = [jnp.zeros((1, image_shape[0] // s, image_shape[1] // s, 1)) for s in (4, 8, 16, 32)]
+    boxes = jnp.asarray(log_uniform_boxes(rng, image_shape, 8, 256)[:1])
+    jaxpr = jax.make_jaxpr(lambda fs: multiscale_roi_align(fs, boxes, image_shape, 7,
+                                                           sampling_ratio=2))(features)
+    return str(jaxpr)
+
+  large, small = ops((512, 512)), ops((64, 64))
+  assert 'dot_general' not in large and 'gather' in large
+  assert 'dot_general' in small
+
+
 def test_single_level_is_plain_roi_align():
   rng = np.random.default_rng(3)
   features = pyramid(rng, (64, 96), strides=(8,))

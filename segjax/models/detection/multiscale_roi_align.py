@@ -116,7 +116,7 @@ def multiscale_roi_align(features: Sequence[jax.Array], boxes: jax.Array,
   sampling_ratio = roi_align_lib.check_sampling_ratio(sampling_ratio)
   samples = roi_align_lib.samples_per_side(sampling_ratio, output_size, shapes[0],
                                            max_sampling_ratio)
-  impl = roi_align_lib.resolve_impl(impl, samples)
+  impl = roi_align_lib.resolve_impl(impl, samples, output_size, shapes)
   batch, num_rois = boxes.shape[:2]
   channels = features[0].shape[3]
   flat_boxes = boxes.reshape(-1, 4)

@@ -38,7 +38,10 @@ Two implementations, chosen with `impl=`:
   a gradient made of matmuls too. The natural choice for TPUs (matrix units,
   slow gathers and scatters), and for adaptive sampling with a large bound.
 - 'auto': 'matmul' on TPU (by design, not measured here); on CPU and GPU the
-  choice measured in experiments/roi_align/results.md (see `_AUTO_GATHER_MAX_TAPS`).
+  choice measured in experiments/roi_align/results.md (see `_AUTO_GATHER_MAX_TAPS`);
+  on CPU also 'gather' whenever the map is large enough that the matmuls cost more
+  (`_CPU_GATHER_READ_COST`): a 128x128 map, or FPN levels, where 'matmul' pools
+  every box on every level.
 
 Gradients flow to the features only: boxes are wrapped in `stop_gradient`, as
 torchvision's op has no box gradient.
@@ -62,6 +65,14 @@ IMPLS = ('auto', 'gather', 'matmul')
 # 'gather' wins at 1 sample per bin, 'matmul' from 2x2 on). GPU: not measured here
 # (no GPU was available); gathers are cheap there, so 'gather' up to 4x4.
 _AUTO_GATHER_MAX_TAPS = {'cpu': 1, 'gpu': 16}
+
+# 'auto' on CPU above that many samples: one 'gather' neighbour read costs about as much
+# as this many 'matmul' multiply-adds. 'matmul' does P*H*W + P*Q*W of them per box and
+# channel (summed over the maps it reads), 'gather' reads P*Q*gh*gw*4 neighbours.
+# Measured (experiments/roi_align/results.md, "Large maps and FPN levels"): 512 boxes,
+# 7x7, 2x2 samples, fwd and fwd+bwd, break-even at 65-72 (64x64 map: 'matmul' 1.7x
+# faster, cost ratio 42; 96x96: 'gather' 1.3-1.4x faster, cost ratio 88).
+_CPU_GATHER_READ_COST = 64
 
 # Boxes per step of the CPU 'matmul' loop (measured in experiments/roi_align).
 _MATMUL_CHUNK = 16
@@ -111,15 +122,30 @@ def samples_per_side(sampling_ratio: int, output_size: tuple[int, int],
           max(1, math.ceil(feature_hw[1] / output_size[1])))
 
 
-def resolve_impl(impl: str, samples: tuple[int, int]) -> str:
-  """'gather' or 'matmul' for `impl` ('auto' decided per backend and samples per bin)."""
+def resolve_impl(impl: str, samples: tuple[int, int], output_size: tuple[int, int] | None = None,
+                 map_shapes: Sequence[tuple[int, int]] = ()) -> str:
+  """'gather' or 'matmul' for `impl` ('auto' decided per backend and samples per bin).
+
+  `output_size` and `map_shapes` (the (H, W) of every map 'matmul' would pool each box
+  on: one, or all FPN levels) let 'auto' weigh the two costs on CPU; without them only
+  the samples per bin decide.
+  """
   impl = check_impl(impl)
   if impl != 'auto':
     return impl
-  if jax.default_backend() == 'tpu':
+  backend = jax.default_backend()
+  if backend == 'tpu':
     return 'matmul'
-  max_taps = _AUTO_GATHER_MAX_TAPS.get(jax.default_backend(), _AUTO_GATHER_MAX_TAPS['gpu'])
-  return 'gather' if samples[0] * samples[1] <= max_taps else 'matmul'
+  max_taps = _AUTO_GATHER_MAX_TAPS.get(backend, _AUTO_GATHER_MAX_TAPS['gpu'])
+  if samples[0] * samples[1] <= max_taps:
+    return 'gather'
+  if backend == 'cpu' and output_size is not None and map_shapes:
+    rows, cols = output_size
+    matmul_macs = sum(rows * h * w + rows * cols * w for h, w in map_shapes)
+    gather_reads = rows * cols * samples[0] * samples[1] * 4
+    if matmul_macs > _CPU_GATHER_READ_COST * gather_reads:
+      return 'gather'
+  return 'matmul'
 
 
 def ieee_divide(numerator: jax.Array, denominator) -> jax.Array:
@@ -334,7 +360,8 @@ def _roi_align_inputs(features, output_size, spatial_scale, sampling_ratio, impl
   sampling_ratio = check_sampling_ratio(sampling_ratio)
   samples = samples_per_side(sampling_ratio, output_size, features.shape[1:3],
                              max_sampling_ratio)
-  return output_size, spatial_scale, sampling_ratio, samples, resolve_impl(impl, samples)
+  return output_size, spatial_scale, sampling_ratio, samples, resolve_impl(
+      impl, samples, output_size, [features.shape[1:3]])
 
 
 def _taps(boxes, height, width, output_size, spatial_scale, sampling_ratio, samples, aligned,
