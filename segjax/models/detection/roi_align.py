@@ -70,8 +70,8 @@ _AUTO_GATHER_MAX_TAPS = {'cpu': 1, 'gpu': 16}
 # as this many 'matmul' multiply-adds. 'matmul' does P*H*W + P*Q*W of them per box and
 # channel (summed over the maps it reads), 'gather' reads P*Q*gh*gw*4 neighbours.
 # Measured (experiments/roi_align/results.md, "Large maps and FPN levels"): 512 boxes,
-# 7x7, 2x2 samples, fwd and fwd+bwd, break-even at 65-72 (64x64 map: 'matmul' 1.7x
-# faster, cost ratio 42; 96x96: 'gather' 1.3-1.4x faster, cost ratio 88).
+# 7x7, 2x2 samples: 64x64 map (cost ratio 41) 'matmul' 1.9x faster; 96x96 (88) about
+# even; 128x128 (154) and a 512 image's FPN levels (209) 'gather' 1.3-1.9x faster.
 _CPU_GATHER_READ_COST = 64
 
 # Boxes per step of the CPU 'matmul' loop (measured in experiments/roi_align).
