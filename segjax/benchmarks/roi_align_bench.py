@@ -40,13 +40,17 @@ from segjax.models.detection.roi_align import roi_align
 BATCH, ROIS_PER_IMAGE, SIZE, CHANNELS, OUTPUT, SCALE = 2, 256, 64, 256, 7, 0.25
 
 
+def _boxes(rng, image: float):
+  wh = np.exp(rng.uniform(np.log(16), np.log(image), size=(BATCH, ROIS_PER_IMAGE, 2)))
+  xy = rng.uniform(0, 1, size=wh.shape) * (image - wh)
+  return np.concatenate([xy, xy + wh], axis=-1).astype(np.float32)
+
+
 def make_inputs(seed: int = 0):
   rng = np.random.default_rng(seed)
   image = SIZE / SCALE
   features = rng.normal(size=(BATCH, SIZE, SIZE, CHANNELS)).astype(np.float32)
-  wh = np.exp(rng.uniform(np.log(16), np.log(image), size=(BATCH, ROIS_PER_IMAGE, 2)))
-  xy = rng.uniform(0, 1, size=wh.shape) * (image - wh)
-  boxes = np.concatenate([xy, xy + wh], axis=-1).astype(np.float32)
+  boxes = _boxes(rng, image)
   grad_out = rng.normal(size=(BATCH, ROIS_PER_IMAGE, OUTPUT, OUTPUT, CHANNELS))
   return features, boxes, grad_out.astype(np.float32)
 
@@ -83,12 +87,6 @@ def torch_timings(features, boxes, grad_out, sampling_ratio: int, repeats: int):
     out.backward(g)
 
   return median_seconds(forward, repeats), median_seconds(backward, repeats)
-
-
-def _boxes(rng, image: float):
-  wh = np.exp(rng.uniform(np.log(16), np.log(image), size=(BATCH, ROIS_PER_IMAGE, 2)))
-  xy = rng.uniform(0, 1, size=wh.shape) * (image - wh)
-  return np.concatenate([xy, xy + wh], axis=-1).astype(np.float32)
 
 
 def _grad_timings(pool, features, repeats: int):
