@@ -57,6 +57,20 @@ def test_train_step_compiles_once_and_reports_flops(tiny_infer):
   assert 2 < side['flops_per_step'] / tiny_infer.flops_per_step < 8
 
 
+def test_compile_count_is_the_workloads_own():
+  # Two inference workloads of different shapes in one process (as another test file or
+  # a user's code jitting steps.predict): each counts only its own compilation.
+  config = segjax_workloads.prepare_config(tiny_fcn_config(), 1, (24, 24))
+  counts = []
+  for size in (24, 40):
+    workload = segjax_workloads.workload(config, 'infer',
+                                         segjax_workloads.make_batch(config, 1, (size, size)))
+    workload.step()
+    workload.step()
+    counts.append(workload.cache_size())
+  assert counts == [1, 1]
+
+
 def test_ratios_are_pairwise_from_the_same_run(tiny_infer):
   ours = tiny_infer
   calls = []

@@ -113,7 +113,14 @@ def workload(config: ml_collections.ConfigDict, mode: str, batch: dict[str, np.n
     else:
       infer_fn = steps.predict
       device_batch = jax.device_put(batch['image'])
-    jitted = jax.jit(infer_fn)
+
+    def infer(state, images):
+      return infer_fn(state, images)
+
+    # A jit of its own function: `jax.jit(steps.predict)` would share its executable
+    # cache with every other jit of `steps.predict` in the process, and `cache_size`
+    # would count their compilations too.
+    jitted = jax.jit(infer)
     flops = xla_flops(jitted, state, device_batch)
 
     def step():
