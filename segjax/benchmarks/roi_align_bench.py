@@ -108,21 +108,20 @@ def map_sweep(repeats: int):
   for size in (64, 96, 128):
     features = jnp.asarray(rng.normal(size=(BATCH, size, size, CHANNELS)), jnp.float32)
     boxes = jnp.asarray(_boxes(rng, size / SCALE))
-    pool = functools.partial(lambda f, impl, b: roi_align(
-        f, b, OUTPUT, spatial_scale=SCALE, sampling_ratio=2, impl=impl), b=boxes)
+    pool = lambda f, impl, b=boxes: roi_align(f, b, OUTPUT, spatial_scale=SCALE,
+                                               sampling_ratio=2, impl=impl)
     cases.append((f'{size}x{size} map', [(size, size)], pool, features))
   image = 512
   shapes = [(image // s, image // s) for s in (4, 8, 16, 32)]
   features = [jnp.asarray(rng.normal(size=(BATCH, h, w, CHANNELS)), jnp.float32)
               for h, w in shapes]
   boxes = jnp.asarray(_boxes(rng, image))
-  pool = functools.partial(lambda f, impl, b: multiscale_roi_align(
-      f, b, (image, image), OUTPUT, sampling_ratio=2, impl=impl), b=boxes)
+  pool = lambda f, impl: multiscale_roi_align(f, boxes, (image, image), OUTPUT,
+                                              sampling_ratio=2, impl=impl)
   cases.append(('FPN levels of 512x512', shapes, pool, features))
   rows = []
   for name, maps, pool, features in cases:
-    matmul_macs = sum(OUTPUT * h * w + OUTPUT * OUTPUT * w for h, w in maps)
-    cost_ratio = matmul_macs / (OUTPUT * OUTPUT * 2 * 2 * 4)
+    cost_ratio = roi_align_lib.matmul_to_gather_cost((2, 2), (OUTPUT, OUTPUT), maps)
     choice = roi_align_lib.resolve_impl('auto', (2, 2), (OUTPUT, OUTPUT), maps)
     rows.append((name, cost_ratio, choice, _grad_timings(pool, features, repeats)))
   return rows

@@ -139,13 +139,19 @@ def resolve_impl(impl: str, samples: tuple[int, int], output_size: tuple[int, in
   max_taps = _AUTO_GATHER_MAX_TAPS.get(backend, _AUTO_GATHER_MAX_TAPS['gpu'])
   if samples[0] * samples[1] <= max_taps:
     return 'gather'
-  if backend == 'cpu' and output_size is not None and map_shapes:
-    rows, cols = output_size
-    matmul_macs = sum(rows * h * w + rows * cols * w for h, w in map_shapes)
-    gather_reads = rows * cols * samples[0] * samples[1] * 4
-    if matmul_macs > _CPU_GATHER_READ_COST * gather_reads:
-      return 'gather'
+  if (backend == 'cpu' and output_size is not None and map_shapes
+      and matmul_to_gather_cost(samples, output_size, map_shapes) > _CPU_GATHER_READ_COST):
+    return 'gather'
   return 'matmul'
+
+
+def matmul_to_gather_cost(samples: tuple[int, int], output_size: tuple[int, int],
+                          map_shapes: Sequence[tuple[int, int]]) -> float:
+  """'matmul''s multiply-adds per box and channel (summed over `map_shapes`) over
+  'gather''s neighbour reads: what CPU 'auto' compares with `_CPU_GATHER_READ_COST`."""
+  rows, cols = output_size
+  matmul_macs = sum(rows * h * w + rows * cols * w for h, w in map_shapes)
+  return matmul_macs / (rows * cols * samples[0] * samples[1] * 4)
 
 
 def ieee_divide(numerator: jax.Array, denominator) -> jax.Array:
