@@ -154,6 +154,8 @@ def test_pipeline_row_divides_its_own_pipeline_and_step_rates(data_dir):
   report = benchmark.run_pipeline(config, steps=5, train_step=True)
   assert report['images_per_batch'] == 4 and report['image_shape'] == [32, 32, 3]
   assert report['images_per_s'] > 0 and report['train_step_images_per_s'] > 0
+  # The rate is a throughput over all timed batches, not 1 / the median batch time.
+  assert report['images_per_s'] == pytest.approx(4 * 5 / report['total_s'])
   assert report['pipeline_over_train_step'] == pytest.approx(
       report['images_per_s'] / report['train_step_images_per_s'])
 

@@ -272,3 +272,34 @@ def test_bad_config_raises(config):
   with pytest.raises(ValueError, match=r"lacks fields \['std'\]"):
     pipeline.create_eval_loader(
         config, global_batch_size=2, process_index=0, process_count=1)
+
+
+def test_worker_processes_yield_the_one_process_batches(config, eval_records):
+  """grain's workers each batch their own records; without `WorkerBatchOrder`, batch 0
+  with 2 workers held train records 0, 2, 4, 6 (and an eval split lost the records of
+  each worker's partial batch). Now: the same batches for 0 and 2 workers, a resume
+  with workers continues them, and eval reads every record once."""
+  def train(workers):
+    config.num_workers = workers
+    return pipeline.create_train_loader(config, global_batch_size=4, seed=3,
+                                        process_index=0, process_count=1)
+
+  expected = _take(train(0), 6)
+  it = iter(train(2))
+  _assert_batches_equal([next(it) for _ in range(3)], expected[:3])
+  state = it.get_state()
+  resumed = iter(train(2))
+  resumed.set_state(state)
+  _assert_batches_equal([next(resumed) for _ in range(3)], expected[3:])
+
+  config.num_workers = 0
+  one = _take(pipeline.create_eval_loader(config, global_batch_size=4, process_index=0,
+                                          process_count=1), 100)
+  config.num_workers = 2
+  two = _take(pipeline.create_eval_loader(config, global_batch_size=4, process_index=0,
+                                          process_count=1), 100)
+  assert len(one) == 3 and len(two) == 4  # 10 records: 3 batches, padded to 2 per worker
+  _assert_batches_equal(two[:3], one)
+  assert not two[3]['valid'].any()
+  assert sorted(_example_ids(two, eval_records)) == list(range(NUM_EVAL))
+  assert pipeline.eval_padded_size(10, 4, 2) == 16 and pipeline.eval_padded_size(8, 4, 0) == 8

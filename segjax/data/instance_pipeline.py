@@ -242,7 +242,8 @@ def create_train_loader(dataset_config, *, global_batch_size: int, seed: int,
                                               shard_count=process_count, drop_remainder=True)
   sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard_options,
                                         shuffle=True, num_epochs=None, seed=int(seed))
-  return pipeline._data_loader(c, source, sampler, _ops(c, batch_size, True), shard_options)  # pylint: disable=protected-access
+  return pipeline._data_loader(c, source, sampler, _ops(c, batch_size, True), shard_options,
+                              batch_size)  # pylint: disable=protected-access
 
 
 def create_eval_loader(dataset_config, *, global_batch_size: int,
@@ -254,10 +255,11 @@ def create_eval_loader(dataset_config, *, global_batch_size: int,
   batch_size, process_index, process_count = pipeline._process_batch_size(  # pylint: disable=protected-access
       global_batch_size, process_index, process_count)
   source = sources.load_data_source(c.name, c.eval_split, c.data_dir)
-  num_padded = math.ceil(len(source) / global_batch_size) * global_batch_size
+  num_padded = pipeline.eval_padded_size(len(source), global_batch_size, c.num_workers)
   source = pipeline.PaddedDataSource(source, num_padded)
   shard_options = grain.sharding.ShardOptions(shard_index=process_index,
                                               shard_count=process_count, drop_remainder=False)
   sampler = grain.samplers.IndexSampler(num_records=num_padded, shard_options=shard_options,
                                         shuffle=False, num_epochs=1)
-  return pipeline._data_loader(c, source, sampler, _ops(c, batch_size, False), shard_options)  # pylint: disable=protected-access
+  return pipeline._data_loader(c, source, sampler, _ops(c, batch_size, False), shard_options,
+                              batch_size)  # pylint: disable=protected-access

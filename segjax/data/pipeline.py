@@ -21,7 +21,7 @@ exactly once across all processes (contiguous blocks, one per process).
 Determinism and resume. Train order comes from grain's `IndexSampler` (global shuffle
 per epoch from `seed`), and each example's random augmentation from a generator grain
 keys on (seed, global index), so a loader's output depends only on the seed and
-process_index/process_count, not on num_workers or prefetching. With several
+process_index/process_count, not on num_workers (`WorkerBatchOrder`) or prefetching. With several
 processes each global batch is the single-process one, cut into per-process
 slices (`GlobalBatchSlice`).
 `it = iter(loader); state = it.get_state()` returns `bytes` (UTF-8 JSON, e.g.
@@ -37,6 +37,7 @@ Any TFDS builder with an image feature and a segmentation feature works: set
 from __future__ import annotations
 
 import math
+import sys
 
 import grain
 import ml_collections
@@ -194,11 +195,15 @@ def create_train_loader(
       transforms.Normalize(c.mean, c.std),
       grain.transforms.Batch(batch_size, drop_remainder=True),
   ]
-  return _data_loader(c, source, sampler, ops, shard_options)
+  return _data_loader(c, source, sampler, ops, shard_options, batch_size)
 
 
-def _data_loader(c, source, sampler, ops, shard_options) -> grain.DataLoader:
+def _data_loader(c, source, sampler, ops, shard_options, batch_size: int) -> grain.DataLoader:
+  """grain's loader of `source` in `sampler`'s order; with worker processes, the sampler
+  is reordered (`WorkerBatchOrder`) so that the batches are those of num_workers=0."""
   _ensure_absl_flags_parsed(int(c.num_workers))
+  if int(c.num_workers) > 0:
+    sampler = WorkerBatchOrder(sampler, batch_size, int(c.num_workers), shard_options)
   return grain.DataLoader(
       data_source=source,
       sampler=sampler,
@@ -207,6 +212,56 @@ def _data_loader(c, source, sampler, ops, shard_options) -> grain.DataLoader:
       shard_options=shard_options,
       read_options=_read_options(c),
   )
+
+
+def eval_padded_size(num_records: int, global_batch_size: int, num_workers: int) -> int:
+  """Records an eval split is padded to: full global batches, as many for each worker.
+
+  Each grain worker process batches its own records (dropping a partial batch), so
+  with W workers the padded length is a multiple of W global batches: no worker
+  drops a real record. The extra batches are padding only (`valid` all False).
+  """
+  step = global_batch_size * max(int(num_workers), 1)
+  return math.ceil(num_records / step) * step
+
+
+class WorkerBatchOrder:
+  """`sampler` reordered so that grain's worker processes yield the one-process batches.
+
+  With W worker processes, grain hands the loader's local index l (after process
+  sharding) to worker l % W; each worker batches the records it gets, and the loader
+  takes the workers' batches in turn, so worker k's j-th batch is the loader's batch
+  j * W + k. Without reordering, the loader's batch 0 would hold local records
+  0, W, 2W, ..., not 0..B-1. Here local index l = k + W * (j * B + t) reads position
+  (j * W + k) * B + t of `sampler`, with that position's random generator: the same
+  batches, in the same order and with the same augmentations, for any worker count.
+  (grain's iterator state still records the worker count: resume with the same one.)
+  """
+
+  def __init__(self, sampler, batch_size: int, worker_count: int,
+               shard_options: grain.sharding.ShardOptions):
+    self._sampler = sampler
+    self._batch = int(batch_size)
+    self._workers = int(worker_count)
+    self._shard_index = shard_options.shard_index
+    self._shard_count = shard_options.shard_count
+
+  def __len__(self) -> int:
+    return len(self._sampler) if hasattr(self._sampler, '__len__') else sys.maxsize
+
+  def __getitem__(self, index: int) -> grain.RecordMetadata:
+    if not 0 <= index < len(self):
+      raise IndexError(f'Index {index} out of range [0, {len(self)}).')
+    local = (index - self._shard_index) // self._shard_count
+    worker, per_worker = local % self._workers, local // self._workers
+    batch, offset = divmod(per_worker, self._batch)
+    position = (batch * self._workers + worker) * self._batch + offset
+    metadata = self._sampler[position * self._shard_count + self._shard_index]
+    return grain.RecordMetadata(index=index, record_key=metadata.record_key, rng=metadata.rng)
+
+  def __repr__(self) -> str:
+    return (f'WorkerBatchOrder({self._sampler!r}, batch_size={self._batch}, '
+            f'worker_count={self._workers})')
 
 
 class GlobalBatchSlice:
@@ -275,7 +330,8 @@ def create_eval_loader(
 
   Yields {'image': float32 [b, Hp, Wp, 3], 'label': int32 [b, Hp, Wp],
   'valid': bool [b, Hp, Wp]} with (Hp, Wp) = eval_pad_size; every process yields
-  ceil(n / global_batch_size) batches. Count real pixels with `valid`, never by
+  ceil(n / global_batch_size) batches, rounded up to a multiple of num_workers when
+  there are worker processes (`eval_padded_size`; the extra batches are padding only). Count real pixels with `valid`, never by
   batch size.
   """
   _check_config(dataset_config)
@@ -285,7 +341,7 @@ def create_eval_loader(
   )
   source = sources.load_data_source(c.name, c.eval_split, c.data_dir,
                                     features=(c.image_key, c.label_key))
-  num_padded = math.ceil(len(source) / global_batch_size) * global_batch_size
+  num_padded = eval_padded_size(len(source), global_batch_size, c.num_workers)
   source = PaddedDataSource(source, num_padded)
   shard_options = grain.sharding.ShardOptions(
       shard_index=process_index, shard_count=process_count, drop_remainder=False
@@ -304,4 +360,4 @@ def create_eval_loader(
       transforms.Normalize(c.mean, c.std),
       grain.transforms.Batch(batch_size, drop_remainder=True),
   ]
-  return _data_loader(c, source, sampler, ops, shard_options)
+  return _data_loader(c, source, sampler, ops, shard_options, batch_size)
