@@ -28,6 +28,10 @@ $B --workload=pipeline --config=configs/fcn8s.py --batch_size=2 --image_size=320
 $B --workload=pipeline --config=configs/fcn8s.py --steps=20 --json=$R/pipeline_digit_scenes.json
 $B --workload=pipeline --config=configs/fcn8s.py --steps=30 --json=$R/pipeline_digit_scenes_rerun.json
 $B --workload=pipeline --config=configs/fcn8s.py --config.dataset.num_workers=2 --steps=30 --json=$R/pipeline_digit_scenes_workers2.json
+# Pipeline vs train step, throughput over 200 batches, without and with worker processes (2026-12-03).
+for w in 0 2; do
+  $B --workload=pipeline --config=configs/fcn8s.py --steps=200 --compare=train_step --config.dataset.num_workers=$w --json=$R/pipeline_fcn8s_workers${w}_vs_train_step.json
+done
 # The conv filter-gradient lever: segjax against itself with XLA's gradient, A/B.
 $B $DEEPLAB --mode=train --batch_size=2 --image_size=320,320 --steps=5 --conv_weight_grad=taps_1x1 --compare=xla_conv_grad --json=$R/deeplabv3_train_taps_1x1.json
 $B $FCN --mode=train --batch_size=2 --image_size=320,320 --steps=5 --conv_weight_grad=taps_1x1 --compare=xla_conv_grad --json=$R/fcn_resnet50_train_taps_1x1_vs_xla.json
