@@ -198,3 +198,18 @@ def test_bad_prefetch_depth_is_rejected_naming_the_value(make, validate, depth):
   with pytest.raises(ValueError, match=rf'config.prefetch_to_device={depth!r} must be an '
                                        r'integer >= 0'):
     validate(config)
+
+
+def test_resume_with_another_worker_count_names_both_counts(data_dir):
+  from segjax.data import pipeline
+  c = pipeline.default_dataset_config()
+  c.name, c.data_dir, c.prefetch = 'digit_scenes/tiny', data_dir, 0
+  it = iter(pipeline.create_train_loader(c, global_batch_size=4, seed=0, process_index=0,
+                                         process_count=1))
+  next(it)
+  state = it.get_state()
+  loop.check_input_workers(state, 0, '/w/checkpoints')  # the same count: fine
+  loop.check_input_workers(state.decode(), 0, '/w/checkpoints')  # as stored: a string
+  with pytest.raises(ValueError, match=r'config.dataset.num_workers=2, but the checkpoint '
+                     r'in /w/checkpoints saved its input position with num_workers=0'):
+    loop.check_input_workers(state, 2, '/w/checkpoints')

@@ -193,6 +193,23 @@ def drop_records_after(path: str, step: int) -> None:
     f.writelines(lines)
 
 
+def check_input_workers(data_state, num_workers: int, directory: str) -> None:
+  """Raises ValueError naming both counts when a checkpoint's input position was saved
+  with another `dataset.num_workers` (grain restores it only with the same count; the
+  batches themselves do not depend on it)."""
+  text = data_state.decode() if isinstance(data_state, bytes) else data_state
+  try:
+    saved = json.loads(text).get('worker_count')
+  except (TypeError, ValueError, AttributeError):
+    return  # not a grain DataLoader state: nothing to compare
+  if saved is not None and int(saved) != int(num_workers):
+    raise ValueError(
+        f'config.dataset.num_workers={num_workers}, but the checkpoint in {directory} '
+        f'saved its input position with num_workers={saved}; grain resumes it only with '
+        f'the same count. Rerun with --config.dataset.num_workers={saved} (the batches '
+        'are the same for any count).')
+
+
 def start_or_resume(config, workdir: str, state: TrainState, train_iter,
                     checkpointer: checkpoints.Checkpointer, writer: metric_writer.MetricWriter,
                     num_devices: int) -> TrainState:
@@ -203,6 +220,7 @@ def start_or_resume(config, workdir: str, state: TrainState, train_iter,
   restored = checkpointer.restore_latest(state)
   if restored is not None:
     state, data_state = restored
+    check_input_workers(data_state, config.dataset.num_workers, checkpointer.directory)
     train_iter.set_state(data_state)
     logging.info('Resumed from %s at step %d. %d device(s), parallel=%s.',
                  checkpointer.directory, int(state.step), num_devices, config.parallel)
