@@ -242,8 +242,8 @@ def create_train_loader(dataset_config, *, global_batch_size: int, seed: int,
                                               shard_count=process_count, drop_remainder=True)
   sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard_options,
                                         shuffle=True, num_epochs=None, seed=int(seed))
-  return pipeline._data_loader(c, source, sampler, _ops(c, batch_size, True), shard_options,
-                              batch_size)  # pylint: disable=protected-access
+  return pipeline._data_loader(  # pylint: disable=protected-access
+      c, source, sampler, _ops(c, batch_size, True), shard_options, batch_size)
 
 
 def create_eval_loader(dataset_config, *, global_batch_size: int,
@@ -261,5 +261,5 @@ def create_eval_loader(dataset_config, *, global_batch_size: int,
                                               shard_count=process_count, drop_remainder=False)
   sampler = grain.samplers.IndexSampler(num_records=num_padded, shard_options=shard_options,
                                         shuffle=False, num_epochs=1)
-  return pipeline._data_loader(c, source, sampler, _ops(c, batch_size, False), shard_options,
-                              batch_size)  # pylint: disable=protected-access
+  return pipeline._data_loader(  # pylint: disable=protected-access
+      c, source, sampler, _ops(c, batch_size, False), shard_options, batch_size)

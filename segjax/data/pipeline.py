@@ -21,9 +21,9 @@ exactly once across all processes (contiguous blocks, one per process).
 Determinism and resume. Train order comes from grain's `IndexSampler` (global shuffle
 per epoch from `seed`), and each example's random augmentation from a generator grain
 keys on (seed, global index), so a loader's output depends only on the seed and
-process_index/process_count, not on num_workers (`WorkerBatchOrder`) or prefetching. With several
-processes each global batch is the single-process one, cut into per-process
-slices (`GlobalBatchSlice`).
+process_index/process_count, not on num_workers (`WorkerBatchOrder`) or prefetching.
+With several processes each global batch is the single-process one, cut into
+per-process slices (`GlobalBatchSlice`).
 `it = iter(loader); state = it.get_state()` returns `bytes` (UTF-8 JSON, e.g.
 `state.decode()` is a JSON string); `iter(loader).set_state(state)` continues with
 exactly the batches the saved iterator would have produced. For Orbax, store
@@ -331,8 +331,8 @@ def create_eval_loader(
   Yields {'image': float32 [b, Hp, Wp, 3], 'label': int32 [b, Hp, Wp],
   'valid': bool [b, Hp, Wp]} with (Hp, Wp) = eval_pad_size; every process yields
   ceil(n / global_batch_size) batches, rounded up to a multiple of num_workers when
-  there are worker processes (`eval_padded_size`; the extra batches are padding only). Count real pixels with `valid`, never by
-  batch size.
+  there are worker processes (`eval_padded_size`; the extra batches are padding only).
+  Count real pixels with `valid`, never by batch size.
   """
   _check_config(dataset_config)
   c = dataset_config
