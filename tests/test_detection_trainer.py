@@ -38,12 +38,6 @@ _TINY = {
 _STAT_KEYS = {f'{t}_{s}' for t in ('bbox', 'segm') for s in coco_eval.STAT_NAMES}
 
 
-@pytest.fixture(scope='module')
-def compilation_cache(tmp_path_factory):
-  # Shared by the runs of this module: a rerun compiles nothing (~20 s each saved).
-  return str(tmp_path_factory.mktemp('jax_cache'))
-
-
 # ---------------------------------------------------------------------------
 # Pure pieces.
 
@@ -169,10 +163,9 @@ def _command(config, workdir, data_dir, **overrides):
           f'--workdir={workdir}', *(f'--config.{k}={v}' for k, v in fields.items())]
 
 
-def _run(command, cache_dir):
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir)
-  result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False,
-                          env=env)
+def _run(command):
+  # The runs share conftest's compilation cache: a rerun compiles nothing (~20 s saved).
+  result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-4000:]
   return result
 
@@ -211,12 +204,12 @@ def _check_eval_record(record, extra=()):
 
 
 @pytest.mark.slow
-def test_mask_rcnn_main_trains_evaluates_and_resumes(tmp_path, data_dir, compilation_cache):
+def test_mask_rcnn_main_trains_evaluates_and_resumes(tmp_path, data_dir):
   steps = 4
   overrides = dict(num_train_steps=steps, eval_every_steps=steps, checkpoint_every_steps=2)
   workdir = tmp_path / 'run'
   command = _command('mask_rcnn_r50_fpn.py', workdir, data_dir, **overrides)
-  first = _run(command, compilation_cache)
+  first = _run(command)
   records = metric_writer.read_metrics(str(workdir))
   train = [r for r in records if r['split'] == 'train']
   evals = [r for r in records if r['split'] == 'eval']
@@ -235,7 +228,7 @@ def test_mask_rcnn_main_trains_evaluates_and_resumes(tmp_path, data_dir, compila
   assert int(state['step']) == steps and data['kind'] == 'bytes'
 
   # Rerun of the finished run: no training, no new records, the same final numbers.
-  again = _run(command, compilation_cache)
+  again = _run(command)
   assert f'at step {steps}.' in again.stderr
   assert metric_writer.read_metrics(str(workdir)) == records
   assert _final_eval_line(again.stderr) == final_line
@@ -245,8 +238,7 @@ def test_mask_rcnn_main_trains_evaluates_and_resumes(tmp_path, data_dir, compila
   resumed_dir = tmp_path / 'resumed'
   shutil.copytree(workdir, resumed_dir)
   shutil.rmtree(resumed_dir / 'checkpoints' / str(steps))
-  resumed = _run(_command('mask_rcnn_r50_fpn.py', resumed_dir, data_dir, **overrides),
-                 compilation_cache)
+  resumed = _run(_command('mask_rcnn_r50_fpn.py', resumed_dir, data_dir, **overrides))
   assert 'at step 2.' in resumed.stderr
   assert _without_timing(metric_writer.read_metrics(str(resumed_dir))) == \
       _without_timing(records)
@@ -258,15 +250,14 @@ def test_mask_rcnn_main_trains_evaluates_and_resumes(tmp_path, data_dir, compila
 
 
 @pytest.mark.slow
-def test_ms_rcnn_main_with_pmap_driver_and_frozen_bn(tmp_path, data_dir, compilation_cache):
+def test_ms_rcnn_main_with_pmap_driver_and_frozen_bn(tmp_path, data_dir):
   # Mask Scoring R-CNN through the pmap driver and pmap Predictor (one CPU device):
   # segm ranked by MaskIoU-rescored scores, plus the class-score ranking for comparison.
   # Frozen BatchNorm (the coco preset's setting) keeps the BN statistics and affine
   # parameters at their initial values while the convolutions train.
   workdir = tmp_path / 'run'
   _run(_command('ms_rcnn_r50_fpn.py', workdir, data_dir, num_train_steps=1, eval_every_steps=1,
-                checkpoint_every_steps=1, parallel='pmap', **{'model.freeze_bn': True}),
-       compilation_cache)
+                checkpoint_every_steps=1, parallel='pmap', **{'model.freeze_bn': True}))
   (train,) = metric_writer.read_metrics(str(workdir), 'train')
   assert {'loss_maskiou', 'loss_mask'} <= set(train) and np.isfinite(train['loss'])
   assert train['grad_norm'] > 0

@@ -245,13 +245,14 @@ class WorkerBatchOrder:
     self._workers = int(worker_count)
     self._shard_index = shard_options.shard_index
     self._shard_count = shard_options.shard_count
+    self._len = len(sampler) if hasattr(sampler, '__len__') else sys.maxsize
 
   def __len__(self) -> int:
-    return len(self._sampler) if hasattr(self._sampler, '__len__') else sys.maxsize
+    return self._len
 
   def __getitem__(self, index: int) -> grain.RecordMetadata:
-    if not 0 <= index < len(self):
-      raise IndexError(f'Index {index} out of range [0, {len(self)}).')
+    if not 0 <= index < self._len:
+      raise IndexError(f'Index {index} out of range [0, {self._len}).')
     local = (index - self._shard_index) // self._shard_count
     worker, per_worker = local % self._workers, local // self._workers
     batch, offset = divmod(per_worker, self._batch)
