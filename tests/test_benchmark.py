@@ -106,9 +106,74 @@ def test_torchvision_equivalence_names_the_differences():
   detector = _get_config('mask_rcnn_r50_fpn', 'coco')  # frozen BN: not torchvision's from-scratch
   with pytest.raises(ValueError, match='freeze_bn'):
     torchvision_workloads.equivalent(detector)
-  fcn = tiny_fcn_config()
-  with pytest.raises(ValueError, match='no torchvision equivalent'):
+  fcn = tiny_fcn_config()  # FCN-8s on a 1/8-width ResNet-18
+  with pytest.raises(ValueError, match=r"backbone='resnet18'.*width_multiplier=0.125.*"
+                                       r"--config.model.backbone='vgg16'"):
     torchvision_workloads.equivalent(fcn)
+  assert torchvision_workloads.equivalent(_get_config('fcn8s', 'voc')) == 'vgg16'
+  with pytest.raises(ValueError, match='no torchvision equivalent'):
+    torchvision_workloads.equivalent(_get_config('deeplab_v1', 'voc'))
+
+
+def _fcn_vgg16_variables(module, skips):
+  """segjax FCN variables holding the weights of torchvision_workloads.fcn_vgg16's `module`."""
+  from segjax.models import vgg
+  sd = {k: v.detach().numpy() for k, v in module.state_dict().items()}
+  hwio = lambda w: w.transpose(2, 3, 1, 0)
+  backbone = {}
+  for path, prefix in vgg.torchvision_names(16, False).items():
+    index = int(prefix.split('.')[1]) if prefix.startswith('features.') else None
+    if index is None:  # fc6 / fc7: convolutions on the torch side already
+      key = path
+    else:
+      key = f"to_pool{3 if index < 17 else 4 if index < 24 else 5}.{index}"
+    layer = backbone.setdefault(path.split('/')[0], {})
+    if '/' in path:
+      layer = layer.setdefault(path.split('/')[1], {})
+    layer.update(kernel=hwio(sd.pop(f'{key}.weight')), bias=sd.pop(f'{key}.bias'))
+  params = {'backbone': backbone}
+  scores = ['score_fr', 'score_pool4', 'score_pool3'][:skips + 1]
+  for name in scores:
+    params[name] = {'kernel': hwio(sd.pop(f'{name}.weight')), 'bias': sd.pop(f'{name}.bias')}
+  ups = {0: {'upscore': 'upscore'}, 1: {'upscore2': 'upscore2', 'upscore16': 'upscore'},
+         2: {'upscore2': 'upscore2', 'upscore_pool4': 'upscore_pool4',
+             'upscore8': 'upscore'}}[skips]
+  for ours, theirs in ups.items():  # ConvTranspose2d [in, out, kh, kw] -> [kh, kw, in, out]
+    params[ours] = {'kernel': sd.pop(f'{theirs}.weight').transpose(2, 3, 0, 1)}
+  assert not sd, sorted(sd)  # every torch tensor went somewhere
+  return {'params': params}
+
+
+@pytest.mark.parametrize('name', ['fcn32s', 'fcn16s', 'fcn8s'])
+def test_fcn_vgg16_on_torchvision_computes_segjax_fcn(name):
+  """The torchvision side of an FCN-VGG row is the same network: same weights, same logits."""
+  torch = pytest.importorskip('torch')
+  pytest.importorskip('torchvision')
+  config = _get_config(name, 'voc')
+  config.dataset.num_classes = 5
+  skips = torchvision_workloads.FCN_VGG[name]
+  module = torchvision_workloads.semantic_model(config).eval()
+  with torch.no_grad():  # non-zero scores and a non-bilinear upsampling, so both are tested
+    gen = torch.Generator().manual_seed(1)
+    for key, tensor in module.state_dict().items():
+      if key.startswith(('score', 'upscore')):
+        tensor.copy_(0.05 * torch.randn(tensor.shape, generator=gen) + tensor)
+  variables = _fcn_vgg16_variables(module, skips)
+  model = build_model(config.model, num_classes=5)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)),
+                                             train=False))
+  assert (jax.tree.map(lambda x: x.shape, shapes)
+          == jax.tree.map(lambda x: x.shape, variables))  # the same parameters, all filled
+  # 72 x 88: pools round up (pool5 is 3 x 3), and the crops are not no-ops.
+  image = np.random.default_rng(0).normal(size=(2, 72, 88, 3)).astype(np.float32)
+  ours = model.apply(jax.tree.map(jnp.asarray, variables), jnp.asarray(image),
+                     train=False)['logits']
+  with torch.no_grad():
+    theirs = module(torch.from_numpy(image.transpose(0, 3, 1, 2).copy()))['out']
+  theirs = theirs.numpy().transpose(0, 2, 3, 1)
+  assert ours.shape == theirs.shape == (2, 72, 88, 5)
+  error = float(np.max(np.abs(np.asarray(ours) - theirs)) / np.max(np.abs(theirs)))
+  assert error < 1e-4, error
 
 
 def test_torchvision_side_counts_parameters_like_segjax():

@@ -316,6 +316,86 @@ def test_conv_tap_matmuls_value_and_gradients_equal_the_plain_conv(kernel, strid
   np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-4)
 
 
+# (kernel, dilation, input H, W, rows per block): blocks that divide the rows or not,
+# one row per block, one block, dilated halos, an even kernel (padding after).
+_BLOCK_CASES = [(3, 1, 12, 9, 4), (3, 1, 11, 7, 3), (3, 1, 9, 8, 1), (3, 1, 6, 5, 6),
+                (3, 2, 13, 10, 5), (5, 1, 10, 9, 4), (2, 1, 9, 7, 2)]
+
+
+@pytest.mark.parametrize('kernel,dilation,height,width,rows', _BLOCK_CASES)
+def test_conv_blocked_filter_grad_equals_the_plain_conv(kernel, dilation, height, width,
+                                                        rows):
+  x, w, g, (strides, padding, dil), plain = _conv_case(5, kernel, 1, dilation, height, width)
+  ours = lambda x_, w_: layers.conv_blocked_filter_grad(x_, w_, padding, dil, rows)  # noqa
+  np.testing.assert_array_equal(jax.jit(ours)(x, w), plain(x, w))  # XLA's forward
+  want = jax.grad(lambda x_, w_: jnp.sum(plain(x_, w_) * g), argnums=(0, 1))(x, w)
+  got = jax.jit(jax.grad(lambda x_, w_: jnp.sum(ours(x_, w_) * g), argnums=(0, 1)))(x, w)
+  np.testing.assert_array_equal(got[0], want[0])  # the input gradient is XLA's own
+  np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-4)
+  blocks = -(-plain(x, w).shape[1] // rows)
+  hlo = jax.jit(jax.grad(lambda w_: jnp.sum(ours(x, w_) * g))).lower(w).as_text()
+  assert hlo.count('stablehlo.convolution') == blocks  # one filter-gradient conv per block
+
+
+# (kernel, dilation, input H, W): fc6-like 7x7 on a map smaller than the kernel, an even
+# dilated kernel (padding after), a 5x5 with dilation 3.
+_IM2COL_CASES = [(7, 1, 5, 4), (4, 2, 9, 8), (5, 3, 11, 12)]
+
+
+@pytest.mark.parametrize('kernel,dilation,height,width', _IM2COL_CASES)
+@pytest.mark.parametrize('chunk_bytes', [None, 1])
+def test_conv_im2col_value_and_gradients_equal_the_plain_conv(kernel, dilation, height,
+                                                              width, chunk_bytes,
+                                                              monkeypatch):
+  if chunk_bytes:  # one image per chunk
+    monkeypatch.setattr(layers, 'IM2COL_CHUNK_BYTES', chunk_bytes)
+  x, w, g, (_, padding, dil), plain = _conv_case(7, kernel, 1, dilation, height, width)
+  ours = lambda x_, w_: layers.conv_im2col(x_, w_, padding, dil)  # noqa: E731
+  np.testing.assert_allclose(jax.jit(ours)(x, w), plain(x, w), rtol=1e-5, atol=1e-4)
+  want = jax.grad(lambda x_, w_: jnp.sum(plain(x_, w_) * g), argnums=(0, 1))(x, w)
+  got = jax.jit(jax.grad(lambda x_, w_: jnp.sum(ours(x_, w_) * g), argnums=(0, 1)))(x, w)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-4)
+  hlo = jax.jit(ours).lower(x, w).as_text()
+  assert 'stablehlo.convolution' not in hlo
+  assert hlo.count('stablehlo.dot_general') == (2 if chunk_bytes else 1)
+
+
+def test_im2col_only_for_wide_convs_with_large_kernels():
+  pays = lambda k, cin, cout, s=1: layers.im2col_pays(  # noqa: E731
+      (2, 10, 10, cin), (k, k, cin, cout), (s, s), layers.torch_padding(k, 1), (1, 1))
+  assert pays(7, 512, 4096)            # FCN's fc6
+  assert pays(4, 512, 4096)            # DeepLab v1's fc6
+  assert not pays(3, 512, 512)         # 3x3: XLA / tap matmuls / row blocks
+  assert not pays(7, 3, 64)            # the ResNet stem: narrow
+  assert not pays(7, 512, 4096, s=2)   # strided
+  x = jnp.ones((1, 5, 5, 256))
+  with layers.conv_weight_grad('tap_matmuls'):
+    prims = _primitives(lambda x_: layers.conv2d(256, 7).init_with_output(
+        jax.random.key(0), x_)[0], x)
+  assert 'conv_general_dilated' not in prims and 'dot_general' in prims
+
+
+def test_blocked_filter_grad_only_on_large_maps_of_a_batch():
+  rows = lambda x_shape, k=3, cin=64, s=1, d=1: layers.blocked_filter_grad_rows(  # noqa
+      x_shape, (k, k, cin, 64), (s, s), layers.torch_padding(k, d), (d, d))
+  assert rows((2, 320, 320, 64)) == 6              # 4096 positions: 2 x 6 x 320
+  assert rows((2, 160, 160, 128), cin=128) == 12
+  assert rows((2, 1024, 1024, 64)) == 16           # at most 64 blocks (unrolled)
+  assert rows((2, 80, 80, 64)) is None             # small map: XLA's filter gradient
+  assert rows((1, 320, 320, 64)) is None           # batch of one
+  assert rows((2, 320, 320, 64), s=2) is None      # strided
+  assert rows((2, 320, 320, 64), k=1) is None      # 1x1: one matmul (tap matmuls)
+  assert layers.filter_grad_rows(2, (160, 160), (1, 1)) == 12
+  x = jnp.ones((2, 160, 160, 4))
+  with layers.conv_weight_grad('tap_matmuls'):
+    conv = layers.conv2d(4, 3)
+    variables = conv.init(jax.random.key(0), x)
+    hlo = jax.jit(jax.grad(lambda v: jnp.sum(conv.apply(v, x)))).lower(variables).as_text()
+  # One filter-gradient conv per block; no forward or input gradient (x is a constant).
+  assert hlo.count('stablehlo.convolution') == -(-160 // 12)
+
+
 def test_padding_fraction_by_hand():
   # 3x3, dilation 36 on 40 rows: the off-centre taps reach 4 of the 40 rows each, so
   # (4 + 40 + 4) / 120 = 0.4 of a row's products are real; 1 - 0.4^2 = 0.84 pad.

@@ -5,6 +5,16 @@
 | fcn_resnet, backbone resnet50, output_stride 8          | `fcn_resnet50`           |
 | deeplab_v3, backbone resnet50, output_stride 8          | `deeplabv3_resnet50`     |
 | mask_rcnn, backbone resnet50, width 1, freeze_bn False  | `maskrcnn_resnet50_fpn`  |
+| fcn32s/16s/8s, backbone vgg16, width 1, fc6 7x7, deconv | `vgg16`, as FCN (below)  |
+
+torchvision has no FCN on VGG-16, the paper's network. Its side of an FCN-VGG row is
+`fcn_vgg16`: torchvision's own `vgg16` modules and initialisation, convolutionalised as
+in FCN §3.1 (the classifier's first two Linear layers reshaped into the 7x7 fc6 and 1x1
+fc7 convolutions, the 1000-way layer dropped), plus FCN's zero-initialised score layers
+and bilinear-initialised `ConvTranspose2d` upsampling (§3.3, §4.2), built here as
+segjax's `FCN` builds them: max pools rounding up, fc6 padded to keep its size, crops at
+offset 0. `tests/test_benchmark.py` loads one side's weights into the other and checks
+that the logits agree.
 
 Both sides start from random weights of the same kind (torchvision's own init, which
 segjax's initialisers mirror: Kaiming-normal fan-out convs, BN 1/0); `weights=None,
@@ -29,6 +39,7 @@ from segjax.benchmarks.measure import Workload
 
 SEMANTIC = {'deeplab_v3': 'deeplabv3_resnet50', 'fcn_resnet': 'fcn_resnet50'}
 INSTANCE = {'mask_rcnn': 'maskrcnn_resnet50_fpn'}
+FCN_VGG = {'fcn32s': 0, 'fcn16s': 1, 'fcn8s': 2}  # model name -> skips
 
 
 def equivalent(config: ml_collections.ConfigDict) -> str:
@@ -37,13 +48,17 @@ def equivalent(config: ml_collections.ConfigDict) -> str:
   if m.name in INSTANCE:
     wanted = {'backbone': 'resnet50', 'width_multiplier': 1.0, 'freeze_bn': False}
     builder = INSTANCE[m.name]
+  elif m.name in FCN_VGG:
+    wanted = {'backbone': 'vgg16', 'width_multiplier': 1.0, 'output_stride': 32,
+              'fc_kernel_size': 7, 'upsampling': 'deconv', 'aux_loss': False}
+    builder = 'vgg16'
   elif m.name in SEMANTIC:
     wanted = {'backbone': 'resnet50', 'output_stride': 8, 'width_multiplier': 1.0,
               'input_scales': (), 'stem_stride': 4}
     builder = SEMANTIC[m.name]
   else:
     raise ValueError(f'model.name={m.name!r} has no torchvision equivalent in the benchmark; '
-                     f'choose one of {sorted({**SEMANTIC, **INSTANCE})}')
+                     f'choose one of {sorted({**SEMANTIC, **INSTANCE, **FCN_VGG})}')
   wrong = {k: v for k, v in wanted.items()
            if (tuple(m.get(k, v)) if isinstance(v, tuple) else m.get(k, v)) != v}
   if wrong:
@@ -71,11 +86,94 @@ def _torch_flops(fn) -> float | None:
   return float(counter.get_total_flops())
 
 
+def _bilinear_transpose_conv(channels: int, factor: int):
+  """FCN's upsampling: `ConvTranspose2d` (kernel 2f - f % 2, stride f, padding f // 2, no
+  bias) with the per-channel bilinear filter on its diagonal (segjax `BilinearDeconv`)."""
+  import torch
+  from segjax.models import layers
+  size = layers.bilinear_kernel_size(factor)
+  up = torch.nn.ConvTranspose2d(channels, channels, size, stride=factor, padding=factor // 2,
+                                bias=False)
+  with torch.no_grad():
+    up.weight.copy_(torch.from_numpy(layers.bilinear_kernel(factor, channels).transpose(2, 3, 0, 1)))
+  return up
+
+
+def fcn_vgg16(num_classes: int, skips: int, dropout_rate: float = 0.5):
+  """FCN-32s (skips 0), -16s (1) or -8s (2) on torchvision's `vgg16` (see the module doc).
+
+  Returns a `torch.nn.Module` mapping [B, 3, H, W] to {'out': [B, num_classes, H, W]}.
+  """
+  import torch
+  import torchvision
+  from torch import nn
+
+  if skips not in (0, 1, 2):
+    raise ValueError(f'skips={skips!r} must be 0 (FCN-32s), 1 (FCN-16s) or 2 (FCN-8s)')
+
+  class FCNVGG16(nn.Module):
+    """torchvision's VGG-16 trunk and classifier, convolutionalised, with FCN's head."""
+
+    def __init__(self):
+      super().__init__()
+      vgg = torchvision.models.vgg16(weights=None)
+      for layer in vgg.features:
+        if isinstance(layer, nn.MaxPool2d):
+          layer.ceil_mode = True  # as segjax (and Caffe's FCN); floor mode on even sizes
+      # vgg16.features: pool3 is layer 16, pool4 23, pool5 30.
+      self.to_pool3, self.to_pool4, self.to_pool5 = (
+          vgg.features[:17], vgg.features[17:24], vgg.features[24:])
+      linear6, linear7 = vgg.classifier[0], vgg.classifier[3]
+      width = linear7.out_features
+      self.fc6 = nn.Conv2d(512, width, 7, padding=3)
+      self.fc7 = nn.Conv2d(width, width, 1)
+      with torch.no_grad():  # torchvision's Linear weights, as convolutions (FCN §3.1)
+        self.fc6.weight.copy_(linear6.weight.reshape(width, 512, 7, 7))
+        self.fc6.bias.copy_(linear6.bias)
+        self.fc7.weight.copy_(linear7.weight[:, :, None, None])
+        self.fc7.bias.copy_(linear7.bias)
+      self.drop = nn.Dropout(dropout_rate)
+      self.score_fr = self._score(width)
+      if skips >= 1:
+        self.score_pool4 = self._score(512)
+        self.upscore2 = _bilinear_transpose_conv(num_classes, 2)
+      if skips >= 2:
+        self.score_pool3 = self._score(256)
+        self.upscore_pool4 = _bilinear_transpose_conv(num_classes, 2)
+      self.upscore = _bilinear_transpose_conv(num_classes, {0: 32, 1: 16, 2: 8}[skips])
+
+    @staticmethod
+    def _score(channels):
+      score = nn.Conv2d(channels, num_classes, 1)
+      nn.init.zeros_(score.weight)  # FCN §4.1: the scoring layers start at zero
+      nn.init.zeros_(score.bias)
+      return score
+
+    def forward(self, x):
+      height, width = x.shape[2:]
+      pool3 = self.to_pool3(x)
+      pool4 = self.to_pool4(pool3)
+      y = self.drop(torch.relu(self.fc6(self.to_pool5(pool4))))
+      y = self.score_fr(self.drop(torch.relu(self.fc7(y))))
+      if skips >= 1:
+        y = self.upscore2(y)[:, :, :pool4.shape[2], :pool4.shape[3]] + self.score_pool4(pool4)
+      if skips >= 2:
+        y = (self.upscore_pool4(y)[:, :, :pool3.shape[2], :pool3.shape[3]]
+             + self.score_pool3(pool3))
+      return {'out': self.upscore(y)[:, :, :height, :width]}
+
+  return FCNVGG16()
+
+
 def semantic_model(config: ml_collections.ConfigDict):
   import torch
   import torchvision.models.segmentation as seg
-  builder = getattr(seg, equivalent(config))
+  builder = equivalent(config)
   torch.manual_seed(config.seed)
+  if builder == 'vgg16':
+    return fcn_vgg16(config.dataset.num_classes, FCN_VGG[config.model.name],
+                     float(config.model.dropout_rate))
+  builder = getattr(seg, builder)
   return builder(weights=None, weights_backbone=None, num_classes=config.dataset.num_classes,
                  aux_loss=bool(config.model.aux_loss))
 

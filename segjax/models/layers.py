@@ -87,6 +87,11 @@ def torch_padding(kernel_size: int | Sequence[int],
 #   3x3 convs, where the per-tap slices and sums cost more than the matmuls save).
 #   Inference (a forward that is not differentiated) computes the wide dense 3x3
 #   stride-1 float32 convs by Winograd's F(2x2, 3x3) instead (`conv3x3_winograd`).
+#   Before all that, stride-1 kxk convs on large maps (at least 2 x 160 x 160 outputs)
+#   keep XLA's forward and input gradient and get XLA's filter gradient summed over
+#   blocks of output rows (`conv_blocked_filter_grad`; 2.5-6x faster there). And
+#   wide convs with kernels of 16+ taps (VGG's fc6) are one matmul over their patches
+#   (`conv_im2col`), forward and gradients.
 # - 'auto' (the default): 'tap_matmuls' when JAX's default backend is the CPU, where
 #   it measured fastest (experiments/benchmarks/README.md), and 'xla' elsewhere
 #   (GPU/TPU convs are the vendor library's).
@@ -179,6 +184,83 @@ def _conv_taps_bwd(strides, padding, dilation, residuals, dy):
 
 
 conv_taps.defvjp(_conv_taps_fwd, _conv_taps_bwd)
+
+
+# XLA CPU's filter gradient of a stride-1 conv over a large map slows down several
+# times against the same sums over blocks of output rows: a 3x3 128->128 conv on
+# 2x160x160 took 456 ms whole and 158 ms in blocks of 8 rows, 64->64 on 2x320x320 452
+# against 168 (VGG-16's conv2_2 and conv1_2 in the FCN train step, 2x320x320). Small
+# maps gain nothing (2x80x80: 10.6 vs 11.9 ms), nor did one 256x256 image (58.6 vs 70).
+# So 'tap_matmuls' sums the filter gradient over blocks of FILTER_GRAD_BLOCK_POSITIONS
+# output positions (batch x rows x width) for stride-1 convs of a batch of at least 2
+# whose output has at least FILTER_GRAD_BLOCK_MIN_AREA pixels per image.
+FILTER_GRAD_BLOCK_POSITIONS = 4096
+FILTER_GRAD_BLOCK_MIN_AREA = 160 * 160
+FILTER_GRAD_MAX_BLOCKS = 64
+
+
+def filter_grad_rows(batch: int, out_hw: Sequence[int], strides: Sequence[int]) -> int | None:
+  """Output rows per block of `filter_grad_row_blocks`, or None where it does not pay."""
+  out_h, out_w = out_hw
+  if (tuple(strides) != (1, 1) or batch < 2
+      or out_h * out_w < FILTER_GRAD_BLOCK_MIN_AREA):
+    return None
+  rows = max(1, FILTER_GRAD_BLOCK_POSITIONS // (batch * out_w))
+  # At most FILTER_GRAD_MAX_BLOCKS blocks: they are unrolled in the program.
+  return min(out_h, max(rows, -(-out_h // FILTER_GRAD_MAX_BLOCKS)))
+
+
+def filter_grad_row_blocks(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int],
+                           padding: tuple[tuple[int, int], ...], dilation: tuple[int, int],
+                           rows: int) -> jax.Array:
+  """XLA's filter gradient of a stride-1 conv, summed over blocks of `rows` output rows.
+
+  Block b reads the input rows its outputs see (a halo of `dilation * (kh - 1)` rows).
+  The same products as the plain filter gradient, summed in another order. The blocks
+  are unrolled: XLA CPU ran the same conv inside a `fori_loop` over dynamic slices ~30x
+  slower. Returns [kh, kw, C, K].
+  """
+  kh = kernel_shape[0]
+  (top, bottom), cols = padding
+  out_h = dy.shape[1]
+  xp = jnp.pad(x, ((0, 0), (top, bottom), (0, 0), (0, 0)))
+  kernel = jax.ShapeDtypeStruct(tuple(kernel_shape), x.dtype)
+  total = None
+  for start in range(0, out_h, rows):
+    stop = min(out_h, start + rows)
+    xs = xp[:, start:stop + dilation[0] * (kh - 1)]  # the input rows these outputs read
+    (dw,) = jax.linear_transpose(
+        lambda w, xs=xs: _conv_nhwc(xs, w, (1, 1), ((0, 0), cols), dilation), kernel)(
+            dy[:, start:stop])
+    dw = dw.astype(jnp.float32)
+    total = dw if total is None else total + dw
+  return total.astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv_blocked_filter_grad(x: jax.Array, w: jax.Array, padding: tuple[tuple[int, int], ...],
+                             dilation: tuple[int, int], rows: int) -> jax.Array:
+  """Stride-1 NHWC x HWIO conv: XLA's forward and input gradient, the filter gradient by
+  `filter_grad_row_blocks` in blocks of `rows` output rows. Not differentiated, the
+  forward is `conv3x3_winograd` where `winograd_pays`, as in `conv_tap_matmuls`."""
+  if winograd_pays(x, w, (1, 1), padding, dilation):
+    return conv3x3_winograd(x, w, padding, dilation)
+  return _conv_nhwc(x, w, (1, 1), padding, dilation)
+
+
+def _conv_blocked_fwd(x, w, padding, dilation, rows):
+  return _conv_nhwc(x, w, (1, 1), padding, dilation), (x, w)
+
+
+def _conv_blocked_bwd(padding, dilation, rows, residuals, dy):
+  x, w = residuals
+  _, input_vjp = jax.vjp(lambda x_: _conv_nhwc(x_, w, (1, 1), padding, dilation), x)
+  (dx,) = input_vjp(dy)
+  dw = filter_grad_row_blocks(x, dy, w.shape, padding, dilation, rows)
+  return dx, dw.astype(w.dtype)
+
+
+conv_blocked_filter_grad.defvjp(_conv_blocked_fwd, _conv_blocked_bwd)
 
 
 def _tap_windows(in_size: int, out_size: int, kernel: int, stride: int, pad_lo: int,
@@ -373,7 +455,69 @@ def winograd_pays(x, w, strides, padding, dilation) -> bool:
                                                  dilation))
 
 
+# A wide conv with a large kernel (FCN's 7x7 fc6 512->4096, DeepLab v1's 4x4 fc6) as one
+# matmul over its patches ("im2col": each output position's kh*kw*Cin inputs in a row),
+# forward and both gradients by autodiff: FCN-VGG16's fc6 on 2x10x10, forward + both
+# gradients, 819 ms against 2,287 ms (XLA's conv) and 2,506 ms (tap matmuls); on 2x16x16
+# 1.9 vs 3.6 s; DeepLab v1's 4x4 dilation-4 fc6 on 2x40x40 4.1 vs 6.4 s (XLA) and 5.1 s
+# (tap matmuls). 3x3 convs gained nothing (512->512 on 2x20x20 and 2x40x40: within 10 %).
+IM2COL_MIN_TAPS = 16
+# The patches are built for this many bytes of them at a time (images per chunk).
+IM2COL_CHUNK_BYTES = 64 * 2**20
+
+
+def im2col_pays(x_shape, w_shape, strides, padding, dilation) -> bool:
+  """Whether 'tap_matmuls' computes a conv by `conv_im2col`: stride-1 convs with at least
+  IM2COL_MIN_TAPS kernel taps and Cin * Cout at least TAP_MATMUL_MIN_CHANNELS."""
+  del x_shape, padding, dilation  # the rule is measured on kernels and channels only
+  kh, kw, cin, cout = w_shape
+  return (kh * kw >= IM2COL_MIN_TAPS and cin * cout >= TAP_MATMUL_MIN_CHANNELS
+          and tuple(strides) == (1, 1))
+
+
+def conv_im2col(x: jax.Array, w: jax.Array, padding: tuple[tuple[int, int], ...],
+                dilation: tuple[int, int]) -> jax.Array:
+  """Stride-1 NHWC x HWIO conv as a matmul of its patches [positions, kh*kw*Cin] by
+  w reshaped to [kh*kw*Cin, Cout], IM2COL_CHUNK_BYTES of patches at a time (whole
+  images per chunk). The plain conv's products, summed in another order; its gradients
+  are autodiff's (matmuls, and the patches' transpose: sums of shifted windows)."""
+  batch, height, width, cin = x.shape
+  kh, kw, _, cout = w.shape
+  out_h = _conv_out_size(height, kh, 1, padding[0], dilation[0])
+  out_w = _conv_out_size(width, kw, 1, padding[1], dilation[1])
+  per_image = out_h * out_w * kh * kw * cin * jnp.dtype(x.dtype).itemsize
+  chunk = max(1, min(batch, IM2COL_CHUNK_BYTES // max(1, per_image)))
+  xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  kernel = w.astype(x.dtype).reshape(kh * kw * cin, cout)
+  outs = []
+  for start in range(0, batch, chunk):
+    part = xp[start:start + chunk]
+    cols = [part[:, i * dilation[0]:i * dilation[0] + out_h,
+                 j * dilation[1]:j * dilation[1] + out_w] for i in range(kh) for j in range(kw)]
+    patches = jnp.concatenate(cols, axis=-1).reshape(-1, kh * kw * cin)
+    out = jnp.dot(patches, kernel, preferred_element_type=jnp.float32)
+    outs.append(out.reshape(part.shape[0], out_h, out_w, cout))
+  return jnp.concatenate(outs).astype(x.dtype) if len(outs) > 1 else outs[0].astype(x.dtype)
+
+
+def blocked_filter_grad_rows(x_shape, w_shape, strides, padding, dilation) -> int | None:
+  """Rows per block where 'tap_matmuls' computes a conv's filter gradient in row blocks
+  (`conv_blocked_filter_grad`), else None: kxk (not 1x1) convs that are not mostly
+  padding, on the large maps of `filter_grad_rows`."""
+  if tuple(w_shape[:2]) == (1, 1) or _tap_matmuls_forward_is_faster(
+      x_shape, w_shape, strides, padding, dilation):
+    return None
+  out_hw = [_conv_out_size(x_shape[1 + a], w_shape[a], strides[a], padding[a], dilation[a])
+            for a in range(2)]
+  return filter_grad_rows(x_shape[0], out_hw, strides)
+
+
 def _conv_tap_matmuls_where_they_pay(x, w, strides, padding, dilation):
+  if im2col_pays(x.shape, w.shape, strides, padding, dilation):
+    return conv_im2col(x, w, padding, dilation)
+  rows = blocked_filter_grad_rows(x.shape, w.shape, strides, padding, dilation)
+  if rows is not None:
+    return conv_blocked_filter_grad(x, w, padding, dilation, rows)
   if tap_matmuls_pay(x.shape, w.shape, strides, padding, dilation):
     return conv_tap_matmuls(x, w, strides, padding, dilation)
   return _conv_nhwc(x, w, strides, padding, dilation)
