@@ -362,10 +362,11 @@ def test_conv_im2col_value_and_gradients_equal_the_plain_conv(kernel, dilation, 
 
 
 def test_im2col_only_for_wide_convs_with_large_kernels():
-  pays = lambda k, cin, cout, s=1: layers.im2col_pays(  # noqa: E731
-      (2, 10, 10, cin), (k, k, cin, cout), (s, s), layers.torch_padding(k, 1), (1, 1))
+  pays = lambda k, cin, cout, s=1, d=1, size=10: layers.im2col_pays(  # noqa: E731
+      (2, size, size, cin), (k, k, cin, cout), (s, s), layers.torch_padding(k, d), (d, d))
   assert pays(7, 512, 4096)            # FCN's fc6
-  assert pays(4, 512, 4096)            # DeepLab v1's fc6
+  assert pays(4, 512, 4096, d=4, size=40)  # DeepLab v1's fc6
+  assert not pays(7, 128, 1024, d=4, size=6)  # mostly padding: tap matmuls skip it
   assert not pays(3, 512, 512)         # 3x3: XLA / tap matmuls / row blocks
   assert not pays(7, 3, 64)            # the ResNet stem: narrow
   assert not pays(7, 512, 4096, s=2)   # strided

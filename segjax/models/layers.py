@@ -462,17 +462,23 @@ def winograd_pays(x, w, strides, padding, dilation) -> bool:
 # 1.9 vs 3.6 s; DeepLab v1's 4x4 dilation-4 fc6 on 2x40x40 4.1 vs 6.4 s (XLA) and 5.1 s
 # (tap matmuls). 3x3 convs gained nothing (512->512 on 2x20x20 and 2x40x40: within 10 %).
 IM2COL_MIN_TAPS = 16
+# ... unless more than this fraction of the patches is padding (fc6 on 2x10x10: 0.31):
+# a dilated fc6 on a map smaller than its reach (DeepLab v1's 7x7 rate-4 fc6 on 6x6 in
+# the digit_scenes preset: 0.94) is left to the tap matmuls, which skip the padding.
+IM2COL_MAX_PADDING_FRACTION = 0.5
 # The patches are built for this many bytes of them at a time (images per chunk).
 IM2COL_CHUNK_BYTES = 64 * 2**20
 
 
 def im2col_pays(x_shape, w_shape, strides, padding, dilation) -> bool:
   """Whether 'tap_matmuls' computes a conv by `conv_im2col`: stride-1 convs with at least
-  IM2COL_MIN_TAPS kernel taps and Cin * Cout at least TAP_MATMUL_MIN_CHANNELS."""
-  del x_shape, padding, dilation  # the rule is measured on kernels and channels only
+  IM2COL_MIN_TAPS kernel taps, Cin * Cout at least TAP_MATMUL_MIN_CHANNELS and at most
+  IM2COL_MAX_PADDING_FRACTION of the products on padding."""
   kh, kw, cin, cout = w_shape
   return (kh * kw >= IM2COL_MIN_TAPS and cin * cout >= TAP_MATMUL_MIN_CHANNELS
-          and tuple(strides) == (1, 1))
+          and tuple(strides) == (1, 1)
+          and padding_fraction(x_shape[1:3], w_shape[:2], strides, padding,
+                               dilation) <= IM2COL_MAX_PADDING_FRACTION)
 
 
 def conv_im2col(x: jax.Array, w: jax.Array, padding: tuple[tuple[int, int], ...],
