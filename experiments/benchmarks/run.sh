@@ -40,3 +40,9 @@ $B $FCN --mode=train $SEG --conv_weight_grad=taps_1x1 --json=$R/fcn_resnet50_tra
 python -m segjax.benchmarks.conv_grad_bench
 # bf16 on CPU
 $B $FCN --config.model.dtype=bfloat16 --mode=infer $SEG --json=$R/fcn_resnet50_infer_bf16.json
+# FCN-8s on VGG-16 against torchvision's vgg16 convolutionalised (2026-12-04): before the
+# conv changes (fcn8s_vgg16_{infer,train}.json), with the row-blocked filter gradient
+# (_train_blocked.json) and with im2col for fc6 too (_im2col.json).
+VGG="--config=configs/fcn8s.py:voc --batch_size=2 --image_size=320,320 --compare=torchvision"
+$B $VGG --mode=infer --steps=7 --json=$R/fcn8s_vgg16_infer_im2col.json
+$B $VGG --mode=train --steps=5 --json=$R/fcn8s_vgg16_train_im2col.json
