@@ -326,7 +326,8 @@ _BLOCK_CASES = [(3, 1, 12, 9, 4), (3, 1, 11, 7, 3), (3, 1, 9, 8, 1), (3, 1, 6, 5
 def test_conv_blocked_filter_grad_equals_the_plain_conv(kernel, dilation, height, width,
                                                         rows):
   x, w, g, (strides, padding, dil), plain = _conv_case(5, kernel, 1, dilation, height, width)
-  ours = lambda x_, w_: layers.conv_blocked_filter_grad(x_, w_, padding, dil, rows)  # noqa
+  ours = lambda x_, w_: layers.conv_blocked_filter_grad(  # noqa: E731
+      x_, w_, padding, dil, rows)
   np.testing.assert_array_equal(jax.jit(ours)(x, w), plain(x, w))  # XLA's forward
   want = jax.grad(lambda x_, w_: jnp.sum(plain(x_, w_) * g), argnums=(0, 1))(x, w)
   got = jax.jit(jax.grad(lambda x_, w_: jnp.sum(ours(x_, w_) * g), argnums=(0, 1)))(x, w)
@@ -370,6 +371,9 @@ def test_im2col_only_for_wide_convs_with_large_kernels():
   assert not pays(3, 512, 512)         # 3x3: XLA / tap matmuls / row blocks
   assert not pays(7, 3, 64)            # the ResNet stem: narrow
   assert not pays(7, 512, 4096, s=2)   # strided
+  batch = jax.export.symbolic_shape('b')[0]  # jax.export with a symbolic batch
+  assert not layers.im2col_pays((batch, 10, 10, 512), (7, 7, 512, 4096), (1, 1),
+                                layers.torch_padding(7, 1), (1, 1))
   x = jnp.ones((1, 5, 5, 256))
   with layers.conv_weight_grad('tap_matmuls'):
     prims = _primitives(lambda x_: layers.conv2d(256, 7).init_with_output(
@@ -378,7 +382,7 @@ def test_im2col_only_for_wide_convs_with_large_kernels():
 
 
 def test_blocked_filter_grad_only_on_large_maps_of_a_batch():
-  rows = lambda x_shape, k=3, cin=64, s=1, d=1: layers.blocked_filter_grad_rows(  # noqa
+  rows = lambda x_shape, k=3, cin=64, s=1, d=1: layers.blocked_filter_grad_rows(  # noqa: E731
       x_shape, (k, k, cin, 64), (s, s), layers.torch_padding(k, d), (d, d))
   assert rows((2, 320, 320, 64)) == 6              # 4096 positions: 2 x 6 x 320
   assert rows((2, 160, 160, 128), cin=128) == 12
@@ -388,6 +392,7 @@ def test_blocked_filter_grad_only_on_large_maps_of_a_batch():
   assert rows((2, 320, 320, 64), s=2) is None      # strided
   assert rows((2, 320, 320, 64), k=1) is None      # 1x1: one matmul (tap matmuls)
   assert layers.filter_grad_rows(2, (160, 160), (1, 1)) == 12
+  assert rows((jax.export.symbolic_shape('b')[0], 320, 320, 64)) is None  # symbolic batch
   x = jnp.ones((2, 160, 160, 4))
   with layers.conv_weight_grad('tap_matmuls'):
     conv = layers.conv2d(4, 3)

@@ -94,8 +94,9 @@ def _bilinear_transpose_conv(channels: int, factor: int):
   size = layers.bilinear_kernel_size(factor)
   up = torch.nn.ConvTranspose2d(channels, channels, size, stride=factor, padding=factor // 2,
                                 bias=False)
+  kernel = layers.bilinear_kernel(factor, channels)  # [kh, kw, in, out]
   with torch.no_grad():
-    up.weight.copy_(torch.from_numpy(layers.bilinear_kernel(factor, channels).transpose(2, 3, 0, 1)))
+    up.weight.copy_(torch.from_numpy(kernel.transpose(2, 3, 0, 1)))
   return up
 
 

@@ -199,10 +199,17 @@ FILTER_GRAD_BLOCK_MIN_AREA = 160 * 160
 FILTER_GRAD_MAX_BLOCKS = 64
 
 
+def _static_dims(*dims) -> bool:
+  """Whether every dim is a number (not a symbolic dim of `jax.export`'s shape polymorphism,
+  which the size rules below cannot compare)."""
+  return all(isinstance(d, int) for d in dims)
+
+
 def filter_grad_rows(batch: int, out_hw: Sequence[int], strides: Sequence[int]) -> int | None:
-  """Output rows per block of `filter_grad_row_blocks`, or None where it does not pay."""
+  """Output rows per block of `filter_grad_row_blocks`, or None where it does not pay
+  (or the batch or map size is symbolic)."""
   out_h, out_w = out_hw
-  if (tuple(strides) != (1, 1) or batch < 2
+  if (not _static_dims(batch, out_h, out_w) or tuple(strides) != (1, 1) or batch < 2
       or out_h * out_w < FILTER_GRAD_BLOCK_MIN_AREA):
     return None
   rows = max(1, FILTER_GRAD_BLOCK_POSITIONS // (batch * out_w))
@@ -473,9 +480,11 @@ IM2COL_CHUNK_BYTES = 64 * 2**20
 def im2col_pays(x_shape, w_shape, strides, padding, dilation) -> bool:
   """Whether 'tap_matmuls' computes a conv by `conv_im2col`: stride-1 convs with at least
   IM2COL_MIN_TAPS kernel taps, Cin * Cout at least TAP_MATMUL_MIN_CHANNELS and at most
-  IM2COL_MAX_PADDING_FRACTION of the products on padding."""
+  IM2COL_MAX_PADDING_FRACTION of the products on padding; not for symbolic input shapes
+  (its chunks are whole images)."""
   kh, kw, cin, cout = w_shape
-  return (kh * kw >= IM2COL_MIN_TAPS and cin * cout >= TAP_MATMUL_MIN_CHANNELS
+  return (_static_dims(*x_shape) and kh * kw >= IM2COL_MIN_TAPS
+          and cin * cout >= TAP_MATMUL_MIN_CHANNELS
           and tuple(strides) == (1, 1)
           and padding_fraction(x_shape[1:3], w_shape[:2], strides, padding,
                                dilation) <= IM2COL_MAX_PADDING_FRACTION)
