@@ -116,25 +116,22 @@ def test_torchvision_equivalence_names_the_differences():
 
 
 def _fcn_vgg16_variables(module, skips):
-  """segjax FCN variables holding the weights of torchvision_workloads.fcn_vgg16's `module`."""
-  from segjax.models import vgg
+  """segjax FCN variables holding the weights of torchvision_workloads.fcn_vgg16's `module`:
+  the VGG-16 part through the project's converter (`segjax.convert`), the head by hand."""
+  from segjax.convert import from_torchvision
   sd = {k: v.detach().numpy() for k, v in module.state_dict().items()}
-  hwio = lambda w: w.transpose(2, 3, 1, 0)
-  backbone = {}
-  for path, prefix in vgg.torchvision_names(16, False).items():
-    index = int(prefix.split('.')[1]) if prefix.startswith('features.') else None
-    if index is None:  # fc6 / fc7: convolutions on the torch side already
-      key = path
-    else:
-      key = f"to_pool{3 if index < 17 else 4 if index < 24 else 5}.{index}"
-    layer = backbone.setdefault(path.split('/')[0], {})
-    if '/' in path:
-      layer = layer.setdefault(path.split('/')[1], {})
-    layer.update(kernel=hwio(sd.pop(f'{key}.weight')), bias=sd.pop(f'{key}.bias'))
-  params = {'backbone': backbone}
+  vgg_sd = {k: sd.pop(k) for k in list(sd) if k.startswith('features.')}
+  for fc, index in (('fc6', 0), ('fc7', 3)):  # back to torchvision's Linear layout
+    weight = sd.pop(f'{fc}.weight')
+    vgg_sd[f'classifier.{index}.weight'] = weight.reshape(weight.shape[0], -1)
+    vgg_sd[f'classifier.{index}.bias'] = sd.pop(f'{fc}.bias')
+  converted, report = from_torchvision.convert_state_dict('vgg16', vgg_sd)
+  assert not report.unused, report.unused
+  params = dict(converted['params'])
   scores = ['score_fr', 'score_pool4', 'score_pool3'][:skips + 1]
   for name in scores:
-    params[name] = {'kernel': hwio(sd.pop(f'{name}.weight')), 'bias': sd.pop(f'{name}.bias')}
+    params[name] = {'kernel': sd.pop(f'{name}.weight').transpose(2, 3, 1, 0),
+                    'bias': sd.pop(f'{name}.bias')}
   ups = {0: {'upscore': 'upscore'}, 1: {'upscore2': 'upscore2', 'upscore16': 'upscore'},
          2: {'upscore2': 'upscore2', 'upscore_pool4': 'upscore_pool4',
              'upscore8': 'upscore'}}[skips]

@@ -121,9 +121,7 @@ def fcn_vgg16(num_classes: int, skips: int, dropout_rate: float = 0.5):
       for layer in vgg.features:
         if isinstance(layer, nn.MaxPool2d):
           layer.ceil_mode = True  # as segjax (and Caffe's FCN); floor mode on even sizes
-      # vgg16.features: pool3 is layer 16, pool4 23, pool5 30.
-      self.to_pool3, self.to_pool4, self.to_pool5 = (
-          vgg.features[:17], vgg.features[17:24], vgg.features[24:])
+      self.features = vgg.features  # torchvision's names: features.N
       linear6, linear7 = vgg.classifier[0], vgg.classifier[3]
       width = linear7.out_features
       self.fc6 = nn.Conv2d(512, width, 7, padding=3)
@@ -152,9 +150,10 @@ def fcn_vgg16(num_classes: int, skips: int, dropout_rate: float = 0.5):
 
     def forward(self, x):
       height, width = x.shape[2:]
-      pool3 = self.to_pool3(x)
-      pool4 = self.to_pool4(pool3)
-      y = self.drop(torch.relu(self.fc6(self.to_pool5(pool4))))
+      # vgg16.features: pool3 is layer 16, pool4 23, pool5 30.
+      pool3 = self.features[:17](x)
+      pool4 = self.features[17:24](pool3)
+      y = self.drop(torch.relu(self.fc6(self.features[24:](pool4))))
       y = self.score_fr(self.drop(torch.relu(self.fc7(y))))
       if skips >= 1:
         y = self.upscore2(y)[:, :, :pool4.shape[2], :pool4.shape[3]] + self.score_pool4(pool4)
@@ -169,13 +168,12 @@ def fcn_vgg16(num_classes: int, skips: int, dropout_rate: float = 0.5):
 def semantic_model(config: ml_collections.ConfigDict):
   import torch
   import torchvision.models.segmentation as seg
-  builder = equivalent(config)
+  name = equivalent(config)
   torch.manual_seed(config.seed)
-  if builder == 'vgg16':
+  if name == 'vgg16':
     return fcn_vgg16(config.dataset.num_classes, FCN_VGG[config.model.name],
                      float(config.model.dropout_rate))
-  builder = getattr(seg, builder)
-  return builder(weights=None, weights_backbone=None, num_classes=config.dataset.num_classes,
+  return getattr(seg, name)(weights=None, weights_backbone=None, num_classes=config.dataset.num_classes,
                  aux_loss=bool(config.model.aux_loss))
 
 

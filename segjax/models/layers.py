@@ -176,11 +176,16 @@ def _conv_taps_fwd(x, w, strides, padding, dilation):
   return _conv_nhwc(x, w, strides, padding, dilation), (x, w)
 
 
+def _xla_input_grad(x, w, dy, strides, padding, dilation):
+  """XLA's input gradient of the plain conv."""
+  _, input_vjp = jax.vjp(lambda x_: _conv_nhwc(x_, w, strides, padding, dilation), x)
+  return input_vjp(dy)[0]
+
+
 def _conv_taps_bwd(strides, padding, dilation, residuals, dy):
   x, w = residuals
-  _, input_vjp = jax.vjp(lambda x_: _conv_nhwc(x_, w, strides, padding, dilation), x)
-  (dx,) = input_vjp(dy)
-  return dx, filter_grad_taps(x, dy, w.shape, strides, padding, dilation).astype(w.dtype)
+  return (_xla_input_grad(x, w, dy, strides, padding, dilation),
+          filter_grad_taps(x, dy, w.shape, strides, padding, dilation).astype(w.dtype))
 
 
 conv_taps.defvjp(_conv_taps_fwd, _conv_taps_bwd)
@@ -261,10 +266,8 @@ def _conv_blocked_fwd(x, w, padding, dilation, rows):
 
 def _conv_blocked_bwd(padding, dilation, rows, residuals, dy):
   x, w = residuals
-  _, input_vjp = jax.vjp(lambda x_: _conv_nhwc(x_, w, (1, 1), padding, dilation), x)
-  (dx,) = input_vjp(dy)
-  dw = filter_grad_row_blocks(x, dy, w.shape, padding, dilation, rows)
-  return dx, dw.astype(w.dtype)
+  return (_xla_input_grad(x, w, dy, (1, 1), padding, dilation),
+          filter_grad_row_blocks(x, dy, w.shape, padding, dilation, rows).astype(w.dtype))
 
 
 conv_blocked_filter_grad.defvjp(_conv_blocked_fwd, _conv_blocked_bwd)
@@ -501,7 +504,7 @@ def conv_im2col(x: jax.Array, w: jax.Array, padding: tuple[tuple[int, int], ...]
   out_h = _conv_out_size(height, kh, 1, padding[0], dilation[0])
   out_w = _conv_out_size(width, kw, 1, padding[1], dilation[1])
   per_image = out_h * out_w * kh * kw * cin * jnp.dtype(x.dtype).itemsize
-  chunk = max(1, min(batch, IM2COL_CHUNK_BYTES // max(1, per_image)))
+  chunk = max(1, min(batch, IM2COL_CHUNK_BYTES // per_image))
   xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
   kernel = w.astype(x.dtype).reshape(kh * kw * cin, cout)
   outs = []
@@ -512,7 +515,7 @@ def conv_im2col(x: jax.Array, w: jax.Array, padding: tuple[tuple[int, int], ...]
     patches = jnp.concatenate(cols, axis=-1).reshape(-1, kh * kw * cin)
     out = jnp.dot(patches, kernel, preferred_element_type=jnp.float32)
     outs.append(out.reshape(part.shape[0], out_h, out_w, cout))
-  return jnp.concatenate(outs).astype(x.dtype) if len(outs) > 1 else outs[0].astype(x.dtype)
+  return jnp.concatenate(outs).astype(x.dtype)
 
 
 def blocked_filter_grad_rows(x_shape, w_shape, strides, padding, dilation) -> int | None:
