@@ -316,6 +316,60 @@ def test_conv_tap_matmuls_value_and_gradients_equal_the_plain_conv(kernel, strid
   np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-4)
 
 
+# (kernel, input H, W, dilation (dh, dw), padding): 'same' convs, unequal dilations and
+# paddings, padding on one side only, no padding (output smaller than the input), an
+# even kernel, a 5x5.
+_OUTPUT_WINDOW_CASES = [(3, 9, 9, (1, 1), ((1, 1), (1, 1))),
+                        (3, 11, 8, (2, 3), ((2, 2), (3, 3))),
+                        (3, 10, 9, (1, 2), ((0, 2), (3, 1))),
+                        (3, 7, 9, (1, 1), ((0, 0), (0, 0))),
+                        (2, 8, 7, (1, 1), ((0, 1), (0, 1))),
+                        (5, 9, 10, (1, 1), ((2, 2), (2, 2)))]
+
+
+@pytest.mark.parametrize('kernel,height,width,dilation,padding', _OUTPUT_WINDOW_CASES)
+@pytest.mark.parametrize('chunk_bytes', [None, 1])
+def test_conv_grads_from_output_windows_equal_the_plain_conv(kernel, height, width, dilation,
+                                                             padding, chunk_bytes,
+                                                             monkeypatch):
+  if chunk_bytes:  # one image per chunk
+    monkeypatch.setattr(layers, 'OUTPUT_WINDOWS_CHUNK_BYTES', chunk_bytes)
+  kx, kw, kg = jax.random.split(jax.random.key(11), 3)
+  x = jax.random.normal(kx, (2, height, width, 5))
+  w = jax.random.normal(kw, (kernel, kernel, 5, 4))
+  plain = lambda x_, w_: layers._conv_nhwc(x_, w_, (1, 1), padding, dilation)  # noqa: E731
+  y, vjp = jax.vjp(plain, x, w)
+  g = jax.random.normal(kg, y.shape)
+  want = vjp(g)
+  grads = jax.jit(lambda x_, w_, g_: layers.conv_grads_from_output_windows(
+      x_, w_, g_, padding, dilation))
+  got = grads(x, w, g)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-4)
+  hlo = grads.lower(x, w, g).as_text()
+  assert 'stablehlo.convolution' not in hlo
+  assert hlo.count('stablehlo.dot_general') == (4 if chunk_bytes else 2)  # dx, dw per chunk
+
+
+def test_output_window_grads_for_stride_1_kxk_convs_that_are_mostly_real():
+  pays = lambda k=3, s=1, d=1, size=40: layers.output_window_grads_pay(  # noqa: E731
+      (2, size, size, 512), (k, k, 512, 512), (s, s), layers.torch_padding(k, d), (d, d))
+  assert pays()                  # FCN's head, ResNet's dilated 3x3s
+  assert pays(d=4)               # 3x3 dilation 4 on 40x40: 0.13 padding
+  assert not pays(d=12)          # ASPP on 40x40: 0.36 padding, cropped tap matmuls
+  assert not pays(k=1)           # one matmul already
+  assert not pays(s=2)           # strided
+  x = jnp.ones((2, 12, 12, 256))
+  w = jnp.ones((3, 3, 256, 256))
+  args = ((1, 1), layers.torch_padding(3, 1), (1, 1))
+  grad = jax.grad(lambda x_, w_: jnp.sum(layers.conv_tap_matmuls(x_, w_, *args) ** 2),
+                  argnums=(0, 1))
+  hlo = jax.jit(grad).lower(x, w).as_text()
+  # XLA's forward conv, then two matmuls for both gradients (not one per tap).
+  assert hlo.count('stablehlo.convolution') == 1
+  assert hlo.count('stablehlo.dot_general') == 2
+
+
 # (kernel, dilation, input H, W, rows per block): blocks that divide the rows or not,
 # one row per block, one block, dilated halos, an even kernel (padding after).
 _BLOCK_CASES = [(3, 1, 12, 9, 4), (3, 1, 11, 7, 3), (3, 1, 9, 8, 1), (3, 1, 6, 5, 6),
