@@ -46,3 +46,10 @@ $B $FCN --config.model.dtype=bfloat16 --mode=infer $SEG --json=$R/fcn_resnet50_i
 VGG="--config=configs/fcn8s.py:voc --batch_size=2 --image_size=320,320 --compare=torchvision"
 $B $VGG --mode=infer --steps=7 --json=$R/fcn8s_vgg16_infer_im2col.json
 $B $VGG --mode=train --steps=5 --json=$R/fcn8s_vgg16_train_im2col.json
+
+# Train steps with both conv gradients from the output gradient's windows and 2-D tap
+# matmuls (2026-12-04, session 16).
+$B $FCN --mode=train $SEG --json=$R/fcn_resnet50_train_output_windows.json
+$B $DEEPLAB --mode=train $SEG --json=$R/deeplabv3_train_output_windows.json
+$B $MRCNN --mode=train --json=$R/maskrcnn_train_output_windows.json
+$B $VGG --mode=train --steps=5 --json=$R/fcn8s_vgg16_train_output_windows.json
