@@ -202,6 +202,43 @@ def test_max_pool_with_argmax(window, stride, padding):
   np.testing.assert_array_equal(gathered, values)
 
 
+_POOL_CASES = [(3, 2, ((1, 1), (1, 1)), 9, 8), (2, 2, 'SAME', 7, 6), (2, 2, 'VALID', 6, 7),
+               (3, 1, ((1, 1), (1, 1)), 5, 6), (3, 2, ((0, 1), (1, 0)), 8, 9)]
+
+
+@pytest.mark.parametrize('window,stride,padding,height,width', _POOL_CASES)
+def test_max_pool_values_and_gradient_equal_nn_max_pool(window, stride, padding, height,
+                                                        width):
+  kx, kg = jax.random.split(jax.random.key(4))
+  x = jax.random.normal(kx, (2, height, width, 3))  # no ties
+  want_y = nn.max_pool(x, (window,) * 2, (stride,) * 2, padding)
+  g = jax.random.normal(kg, want_y.shape)
+  with layers.conv_weight_grad('tap_matmuls'):
+    pool = lambda x_: layers.max_pool(x_, window, stride, padding)  # noqa: E731
+    np.testing.assert_array_equal(pool(x), want_y)
+    got = jax.jit(jax.grad(lambda x_: jnp.sum(pool(x_) * g)))(x)
+    assert 'custom_vjp' in str(_primitives(pool, x))
+  want = jax.grad(lambda x_: jnp.sum(nn.max_pool(x_, (window,) * 2, (stride,) * 2,
+                                                 padding) * g))(x)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  with layers.conv_weight_grad('xla'):  # elsewhere: nn.max_pool itself
+    assert 'custom_vjp' not in str(_primitives(
+        lambda x_: layers.max_pool(x_, window, stride, padding), x))
+
+
+def test_max_pool_gradient_goes_to_the_first_of_tied_inputs():
+  # All-equal input (ReLU's zeros): each output's gradient goes to the first position of
+  # its window in row-major order, as PyTorch's; 3x3/2 with padding 1 on 5x5.
+  x = jnp.zeros((1, 5, 5, 1))
+  with layers.conv_weight_grad('tap_matmuls'):
+    got = jax.grad(lambda x_: jnp.sum(layers.max_pool(x_, 3, 2, ((1, 1), (1, 1)))))(x)
+  want = np.zeros((5, 5))
+  for r in range(3):
+    for c in range(3):  # window rows/cols 2r-1..2r+1: first real one is max(0, 2r-1)
+      want[max(0, 2 * r - 1), max(0, 2 * c - 1)] += 1
+  np.testing.assert_array_equal(got[0, :, :, 0], want)
+
+
 def test_unpool_inverts_pool_positions_and_passes_gradients():
   x = jax.random.normal(jax.random.key(0), (2, 8, 6, 3))
   values, idx = layers.max_pool_with_argmax(x, 2, 2)
@@ -362,12 +399,14 @@ def test_output_window_grads_for_stride_1_kxk_convs_that_are_mostly_real():
   x = jnp.ones((2, 12, 12, 256))
   w = jnp.ones((3, 3, 256, 256))
   args = ((1, 1), layers.torch_padding(3, 1), (1, 1))
-  grad = jax.grad(lambda x_, w_: jnp.sum(layers.conv_tap_matmuls(x_, w_, *args) ** 2),
-                  argnums=(0, 1))
-  hlo = jax.jit(grad).lower(x, w).as_text()
-  # XLA's forward conv, then two matmuls for both gradients (not one per tap).
-  assert hlo.count('stablehlo.convolution') == 1
-  assert hlo.count('stablehlo.dot_general') == 2
+  ours = lambda x_, w_: layers.conv_tap_matmuls(x_, w_, *args)  # noqa: E731
+  forward = jax.jit(ours).lower(x, w).as_text()  # Winograd's matmuls
+  hlo = jax.jit(jax.grad(lambda x_, w_: jnp.sum(ours(x_, w_) ** 2),
+                         argnums=(0, 1))).lower(x, w).as_text()
+  # The same forward, then two matmuls for both gradients (not one per tap); no conv.
+  assert 'stablehlo.convolution' not in hlo
+  assert (hlo.count('stablehlo.dot_general')
+          == forward.count('stablehlo.dot_general') + 2)
 
 
 # (kernel, dilation, input H, W, rows per block): blocks that divide the rows or not,
@@ -548,9 +587,9 @@ def test_conv3x3_winograd_in_channel_chunks_equals_one_chunk(monkeypatch):
                              rtol=1e-5, atol=1e-4)
 
 
-def test_winograd_computes_wide_dense_3x3_inference_only():
-  """The undifferentiated forward of a wide dense 3x3 conv is Winograd's (no XLA conv);
-  under jax.grad the forward is XLA's conv and the gradients are unchanged."""
+def test_winograd_computes_wide_dense_3x3_forward_also_under_grad():
+  """The forward of a wide dense 3x3 conv is Winograd's (no XLA conv), also under
+  jax.grad, and the gradients are the plain conv's."""
   x = jax.random.normal(jax.random.key(8), (1, 8, 8, 256))
   w = jax.random.normal(jax.random.key(9), (3, 3, 256, 256)) / 48.0
   args = ((1, 1), ((1, 1), (1, 1)), (1, 1))
@@ -561,7 +600,7 @@ def test_winograd_computes_wide_dense_3x3_inference_only():
   np.testing.assert_allclose(jax.jit(ours)(x, w), plain(x, w), rtol=1e-5, atol=1e-4)
   loss = lambda f: lambda x_, w_: jnp.sum(f(x_, w_) ** 2)  # noqa: E731
   hlo = jax.jit(jax.grad(loss(ours), argnums=(0, 1))).lower(x, w).as_text()
-  assert hlo.count('convolution') == 1  # the forward's
+  assert 'convolution' not in hlo
   got = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, w)
   want = jax.grad(loss(plain), argnums=(0, 1))(x, w)
   for a, b in zip(got, want):

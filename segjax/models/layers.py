@@ -85,8 +85,10 @@ def torch_padding(kernel_size: int | Sequence[int],
 #   matmuls over the valid windows (`conv_tap_matmuls`), and the forward too for 1x1
 #   kernels and the mostly-padding convs; XLA's conv and gradients elsewhere (narrow
 #   3x3 convs, where the per-tap slices and sums cost more than the matmuls save).
-#   Inference (a forward that is not differentiated) computes the wide dense 3x3
-#   stride-1 float32 convs by Winograd's F(2x2, 3x3) instead (`conv3x3_winograd`).
+#   The gradients of stride-1 kxk convs that are not mostly padding are two matmuls
+#   over the shifted windows of the padded output gradient instead
+#   (`conv_grads_from_output_windows`), and the wide dense 3x3 stride-1 float32 convs'
+#   forward is Winograd's F(2x2, 3x3) (`conv3x3_winograd`).
 #   Before all that, stride-1 kxk convs on large maps (at least 2 x 160 x 160 outputs)
 #   keep XLA's forward and input gradient and get XLA's filter gradient summed over
 #   blocks of output rows (`conv_blocked_filter_grad`; 2.5-6x faster there). And
@@ -457,7 +459,7 @@ def _winograd_channel_chunk(tiles: int, cin: int) -> int:
 
 
 def winograd_pays(x, w, strides, padding, dilation) -> bool:
-  """Whether `conv_tap_matmuls`'s undifferentiated forward uses `conv3x3_winograd`:
+  """Whether `conv_tap_matmuls`'s forward uses `conv3x3_winograd`:
   dense (not mostly padding) 3x3 stride-1 float32 convs with Cin * Cout at least
   TAP_MATMUL_MIN_CHANNELS (measured against XLA's conv on 2x40x40, under load: 1.6x
   faster for 2048->512, 1.8x for 512->512 at dilation 4, 1.4x for 256->256 at dilation 2;
@@ -552,24 +554,25 @@ def conv_tap_matmuls(x: jax.Array, w: jax.Array, strides: tuple[int, int],
                      dilation: tuple[int, int]) -> jax.Array:
   """NHWC x HWIO conv whose gradients are those of `conv_as_tap_matmuls`.
 
-  The forward is `conv_as_tap_matmuls` for 1x1 kernels and where at least
-  SPARSE_TAP_FRACTION of the dense products would multiply padding, else XLA's conv;
-  when it is not differentiated, `conv3x3_winograd` where `winograd_pays`.
+  The forward is `conv3x3_winograd` where `winograd_pays`, else `conv_as_tap_matmuls`
+  for 1x1 kernels and where at least SPARSE_TAP_FRACTION of the dense products would
+  multiply padding, else XLA's conv.
   """
-  if winograd_pays(x, w, strides, padding, dilation):
-    return conv3x3_winograd(x, w, padding, dilation)
   return _conv_tap_matmuls_forward(x, w, strides, padding, dilation)
 
 
 def _conv_tap_matmuls_forward(x, w, strides, padding, dilation):
+  if winograd_pays(x, w, strides, padding, dilation):
+    return conv3x3_winograd(x, w, padding, dilation)
   if _tap_matmuls_forward_is_faster(x.shape, w.shape, strides, padding, dilation):
     return conv_as_tap_matmuls(x, w, strides, padding, dilation)
   return _conv_nhwc(x, w, strides, padding, dilation)
 
 
 def _conv_tap_matmuls_fwd(x, w, strides, padding, dilation):
-  # Under differentiation the forward stays XLA's conv (or tap matmuls): Winograd's
-  # forward measured no faster inside the FCN-ResNet50 train step (ratio 0.97).
+  # Differentiated, the forward is the same: Winograd's forward made the FCN-ResNet50
+  # train step 1.07x as fast (in-process A/B, 5 pairs, 2026-12-04, after the backward
+  # above; an A/B before it, in session 12, read 0.97).
   return _conv_tap_matmuls_forward(x, w, strides, padding, dilation), (x, w)
 
 
@@ -968,6 +971,59 @@ def _pool_pads(padding: str | Sequence[tuple[int, int]], size: tuple[int, int],
       return tuple(pads)
     raise ValueError(f"padding must be 'SAME', 'VALID' or pairs, got {padding!r}")
   return tuple((int(a), int(b)) for a, b in padding)
+
+
+def max_pool(x: jax.Array, window: int | Sequence[int], strides: int | Sequence[int],
+             padding: str | Sequence[tuple[int, int]] = 'VALID') -> jax.Array:
+  """`nn.max_pool` of an NHWC map, the same values. Under 'tap_matmuls' (the CPU default
+  of `conv_weight_grad`) its gradient is `_max_pool_grad`'s: XLA CPU differentiates
+  `nn.max_pool` through a reduce_window that carries index maps (85 ms forward and
+  backward for ResNet's 3x3/2 stem pool on 2x160x160x64, against 11 ms)."""
+  window, strides = _pair(window), _pair(strides)
+  if x.ndim != 4 or resolve_conv_weight_grad(_CONV_WEIGHT_GRAD.get()) != 'tap_matmuls':
+    return nn.max_pool(x, window, strides=strides, padding=padding)
+  return _max_pool(x, window, strides, _pool_pads(padding, x.shape[1:3], window, strides))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool(x, window, strides, padding):
+  return nn.max_pool(x, window, strides=strides, padding=padding)
+
+
+def _max_pool_fwd(x, window, strides, padding):
+  y = _max_pool(x, window, strides, padding)
+  return y, (x, y)
+
+
+def _max_pool_grad(window, strides, padding, residuals, dy):
+  """Each output's gradient goes to the first input in row-major window order that
+  equals its maximum (PyTorch's choice among ties; `nn.max_pool`'s gradient may pick
+  another of equal inputs): per tap, a mask of the outputs it wins, scattered back to
+  the tap's strided input positions by an interior-padded `lax.pad`."""
+  x, y = residuals
+  (kh, kw), (sh, sw), ((pt, pb), (pl, pr)) = window, strides, padding
+  batch, height, width, channels = x.shape
+  out_h, out_w = y.shape[1:3]
+  padded_h, padded_w = height + pt + pb, width + pl + pr
+  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)), constant_values=-jnp.inf)
+  zero = jnp.zeros((), dy.dtype)
+  taken = jnp.zeros(y.shape, bool)
+  dxp = None
+  for i in range(kh):
+    for j in range(kw):
+      tap = lax.slice(xp, (0, i, j, 0),
+                      (batch, i + sh * (out_h - 1) + 1, j + sw * (out_w - 1) + 1, channels),
+                      (1, sh, sw, 1))
+      wins = (tap == y) & ~taken
+      taken = taken | wins
+      part = lax.pad(jnp.where(wins, dy, zero), zero,
+                     ((0, 0, 0), (i, padded_h - i - sh * (out_h - 1) - 1, sh - 1),
+                      (j, padded_w - j - sw * (out_w - 1) - 1, sw - 1), (0, 0, 0)))
+      dxp = part if dxp is None else dxp + part
+  return (dxp[:, pt:pt + height, pl:pl + width],)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_grad)
 
 
 def max_pool_with_argmax(x: jax.Array, window: int | Sequence[int],

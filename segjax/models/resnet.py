@@ -209,7 +209,7 @@ class ResNet(nn.Module):
     x = nn.relu(x)
     features = {'stem': x}
     if self.stem_stride == 4:
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+      x = layers.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
     # `train` decides Python control flow (BatchNorm's mode): static under remat, where
     # argument 0 is the module, 1 the input.

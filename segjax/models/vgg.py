@@ -125,11 +125,11 @@ class VGG(nn.Module):
             use_bn=self.batch_norm, use_bias=True, bn_axis_name=self.bn_axis_name,
             dtype=self.dtype, name=f'conv{block}_{i}')(x, train=train)
       if stride * 2 <= self.output_stride:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')
+        x = layers.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')
         stride *= 2
       else:
         # DeepLab v1: a 3x3/1 pool keeps the resolution; later convs dilate.
-        x = nn.max_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)))
+        x = layers.max_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)))
         dilation *= 2
       features[f'pool{block}'] = x
     if not self.fc_width:
