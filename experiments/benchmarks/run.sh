@@ -53,3 +53,11 @@ $B $FCN --mode=train $SEG --json=$R/fcn_resnet50_train_output_windows.json
 $B $DEEPLAB --mode=train $SEG --json=$R/deeplabv3_train_output_windows.json
 $B $MRCNN --mode=train --json=$R/maskrcnn_train_output_windows.json
 $B $VGG --mode=train --steps=5 --json=$R/fcn8s_vgg16_train_output_windows.json
+# ... with the Winograd forward under differentiation and layers.max_pool too (same session),
+# and the inference rows rerun with the 2-D tap matmuls.
+$B $FCN --mode=train $SEG --json=$R/fcn_resnet50_train_winograd_fwd.json
+$B $DEEPLAB --mode=train $SEG --json=$R/deeplabv3_train_winograd_fwd.json
+$B $MRCNN --mode=train --json=$R/maskrcnn_train_winograd_fwd.json
+$B $VGG --mode=train --steps=5 --json=$R/fcn8s_vgg16_train_winograd_fwd.json
+$B $FCN --mode=infer --batch_size=2 --image_size=320,320 --compare=torchvision --steps=7 --json=$R/fcn_resnet50_infer_2d_taps.json
+$B $DEEPLAB --mode=infer --batch_size=2 --image_size=320,320 --compare=torchvision --steps=7 --json=$R/deeplabv3_infer_2d_taps.json
