@@ -672,6 +672,33 @@ def test_conv_weight_grad_option_keeps_params_outputs_and_gradients(impl):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), got, want)
 
 
+@pytest.mark.parametrize('channels,wide', [(8, False), (256, True)])
+def test_tap_matmuls_nested_never_uses_xlas_filter_gradient(channels, wide):
+  """'tap_matmuls_nested' (convs inside a conditional): wide convs as 'tap_matmuls',
+  narrow ones as 'taps' (per-tap filter gradient) instead of XLA's conv and gradients;
+  no row blocks. The values and gradients are the plain conv's."""
+  x = jax.random.normal(jax.random.key(12), (2, 160, 160, channels)) if not wide else \
+      jax.random.normal(jax.random.key(12), (2, 6, 6, channels))
+  conv = layers.conv2d(channels, 3, weight_grad='xla')
+  variables = conv.init(jax.random.key(13), x)
+  loss = lambda c: lambda v: jnp.sum(c.apply(v, x) ** 2)  # noqa: E731
+  want = jax.grad(loss(conv))(variables)
+  nested = layers.conv2d(channels, 3, weight_grad='tap_matmuls_nested')
+  grad = jax.jit(jax.grad(loss(nested)))
+  got = grad(variables)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-3)
+  hlo = grad.lower(variables).as_text()
+  # narrow: XLA's forward only (x is a constant, so no input gradient; XLA's filter
+  # gradient would be a second conv, and 'tap_matmuls' row-blocks 2x160x160 into 14);
+  # wide: Winograd forward, matmul gradients, no conv at all.
+  assert hlo.count('stablehlo.convolution') == (0 if wide else 1)
+  with layers.conv_weight_grad('tap_matmuls'):
+    assert layers.current_conv_weight_grad() == 'tap_matmuls'
+  with layers.conv_weight_grad('xla'):
+    assert layers.current_conv_weight_grad() == 'xla'
+
+
 def test_auto_conv_weight_grad_is_tap_matmuls_on_cpu_and_xla_elsewhere(monkeypatch):
   assert jax.default_backend() == 'cpu'
   assert layers.resolve_conv_weight_grad('auto') == 'tap_matmuls'

@@ -94,11 +94,15 @@ def torch_padding(kernel_size: int | Sequence[int],
 #   blocks of output rows (`conv_blocked_filter_grad`; 2.5-6x faster there). And
 #   wide convs with kernels of 16+ taps (VGG's fc6) are one matmul over their patches
 #   (`conv_im2col`), forward and gradients.
+# - 'tap_matmuls_nested': 'tap_matmuls' for convs inside a conditional or loop body
+#   (Mask R-CNN's mask branch in a `lax.switch`), where XLA CPU's own filter gradient
+#   is ~40-80x slower (`segjax.benchmarks.nested_conv_bench`): the convs that
+#   'tap_matmuls' leaves to XLA get 'taps' instead, and none is row-blocked.
 # - 'auto' (the default): 'tap_matmuls' when JAX's default backend is the CPU, where
 #   it measured fastest (experiments/benchmarks/README.md), and 'xla' elsewhere
 #   (GPU/TPU convs are the vendor library's).
 
-CONV_WEIGHT_GRADS = ('auto', 'xla', 'taps', 'taps_1x1', 'tap_matmuls')
+CONV_WEIGHT_GRADS = ('auto', 'xla', 'taps', 'taps_1x1', 'tap_matmuls', 'tap_matmuls_nested')
 _CONV_WEIGHT_GRAD = contextvars.ContextVar('segjax_conv_weight_grad', default='auto')
 # 'tap_matmuls' computes the forward as tap matmuls when at least this fraction of the
 # dense conv's products multiply padding (measured: XLA's forward wins below ~0.2).
@@ -114,6 +118,11 @@ def resolve_conv_weight_grad(impl: str) -> str:
   if impl == 'auto':
     return 'tap_matmuls' if jax.default_backend() == 'cpu' else 'xla'
   return impl
+
+
+def current_conv_weight_grad() -> str:
+  """The choice `conv2d` would make now (the innermost `conv_weight_grad`, resolved)."""
+  return resolve_conv_weight_grad(_CONV_WEIGHT_GRAD.get())
 
 
 @contextlib.contextmanager
@@ -537,14 +546,18 @@ def blocked_filter_grad_rows(x_shape, w_shape, strides, padding, dilation) -> in
   return filter_grad_rows(x_shape[0], out_hw, strides)
 
 
-def _conv_tap_matmuls_where_they_pay(x, w, strides, padding, dilation):
+def _conv_tap_matmuls_where_they_pay(x, w, strides, padding, dilation, nested=False):
+  """'tap_matmuls' (`nested`: 'tap_matmuls_nested', never XLA's filter gradient)."""
   if im2col_pays(x.shape, w.shape, strides, padding, dilation):
     return conv_im2col(x, w, padding, dilation)
-  rows = blocked_filter_grad_rows(x.shape, w.shape, strides, padding, dilation)
+  rows = None if nested else blocked_filter_grad_rows(x.shape, w.shape, strides, padding,
+                                                      dilation)
   if rows is not None:
     return conv_blocked_filter_grad(x, w, padding, dilation, rows)
   if tap_matmuls_pay(x.shape, w.shape, strides, padding, dilation):
     return conv_tap_matmuls(x, w, strides, padding, dilation)
+  if nested:
+    return conv_taps(x, w, strides, padding, dilation)
   return _conv_nhwc(x, w, strides, padding, dilation)
 
 
@@ -675,6 +688,9 @@ def _conv_general_dilated_via(op, lhs, rhs, window_strides, padding, lhs_dilatio
 conv_general_dilated_taps = functools.partial(_conv_general_dilated_via, conv_taps)
 conv_general_dilated_tap_matmuls = functools.partial(_conv_general_dilated_via,
                                                      _conv_tap_matmuls_where_they_pay)
+conv_general_dilated_tap_matmuls_nested = functools.partial(
+    _conv_general_dilated_via,
+    functools.partial(_conv_tap_matmuls_where_they_pay, nested=True))
 
 
 def conv2d(features: int, kernel_size: int | Sequence[int] = 3, *,
@@ -695,6 +711,8 @@ def conv2d(features: int, kernel_size: int | Sequence[int] = 3, *,
   weight_grad = resolve_conv_weight_grad(weight_grad)
   if weight_grad == 'tap_matmuls':
     conv_op = conv_general_dilated_tap_matmuls
+  elif weight_grad == 'tap_matmuls_nested':
+    conv_op = conv_general_dilated_tap_matmuls_nested
   elif weight_grad == 'taps' or (weight_grad == 'taps_1x1' and _pair(kernel_size) == (1, 1)):
     conv_op = conv_general_dilated_taps
   else:
