@@ -61,3 +61,5 @@ $B $MRCNN --mode=train --json=$R/maskrcnn_train_winograd_fwd.json
 $B $VGG --mode=train --steps=5 --json=$R/fcn8s_vgg16_train_winograd_fwd.json
 $B $FCN --mode=infer --batch_size=2 --image_size=320,320 --compare=torchvision --steps=7 --json=$R/fcn_resnet50_infer_2d_taps.json
 $B $DEEPLAB --mode=infer --batch_size=2 --image_size=320,320 --compare=torchvision --steps=7 --json=$R/deeplabv3_infer_2d_taps.json
+# ... with conv_weight_grad='tap_matmuls_nested' in the Mask R-CNN mask branch (same session).
+$B $MRCNN --mode=train --json=$R/maskrcnn_train_nested_tap_matmuls.json
