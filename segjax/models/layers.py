@@ -994,11 +994,12 @@ def _pool_pads(padding: str | Sequence[tuple[int, int]], size: tuple[int, int],
 def max_pool(x: jax.Array, window: int | Sequence[int], strides: int | Sequence[int],
              padding: str | Sequence[tuple[int, int]] = 'VALID') -> jax.Array:
   """`nn.max_pool` of an NHWC map, the same values. Under 'tap_matmuls' (the CPU default
-  of `conv_weight_grad`) its gradient is `_max_pool_grad`'s: XLA CPU differentiates
-  `nn.max_pool` through a reduce_window that carries index maps (85 ms forward and
-  backward for ResNet's 3x3/2 stem pool on 2x160x160x64, against 11 ms)."""
+  of `conv_weight_grad`) and 'tap_matmuls_nested' its gradient is `_max_pool_grad`'s:
+  XLA CPU differentiates `nn.max_pool` through a reduce_window that carries index maps
+  (ReLU and ResNet's 3x3/2 stem pool on 2x160x160x64, forward and backward: 52 ms,
+  against 5.5 ms)."""
   window, strides = _pair(window), _pair(strides)
-  if x.ndim != 4 or resolve_conv_weight_grad(_CONV_WEIGHT_GRAD.get()) != 'tap_matmuls':
+  if x.ndim != 4 or current_conv_weight_grad() not in ('tap_matmuls', 'tap_matmuls_nested'):
     return nn.max_pool(x, window, strides=strides, padding=padding)
   return _max_pool(x, window, strides, _pool_pads(padding, x.shape[1:3], window, strides))
 
