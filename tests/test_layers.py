@@ -403,10 +403,12 @@ def test_output_window_grads_for_stride_1_kxk_convs_that_are_mostly_real():
   forward = jax.jit(ours).lower(x, w).as_text()  # Winograd's matmuls
   hlo = jax.jit(jax.grad(lambda x_, w_: jnp.sum(ours(x_, w_) ** 2),
                          argnums=(0, 1))).lower(x, w).as_text()
-  # The same forward, then two matmuls for both gradients (not one per tap); no conv.
+  # The same forward, then the filter gradient as one matmul (not one per tap) and the
+  # input gradient by Winograd (16 matmuls); no conv.
   assert 'stablehlo.convolution' not in hlo
+  assert layers.winograd_input_grad_pays(x, w, *args)
   assert (hlo.count('stablehlo.dot_general')
-          == forward.count('stablehlo.dot_general') + 2)
+          == forward.count('stablehlo.dot_general') + 1 + 16)
 
 
 # (kernel, dilation, input H, W, rows per block): blocks that divide the rows or not,
@@ -570,6 +572,42 @@ def test_conv3x3_winograd_equals_the_plain_conv(height, width, dilation, padding
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
 
 
+@pytest.mark.parametrize('height,width,dilation,padding', _WINOGRAD_CASES)
+@pytest.mark.parametrize('chunk_bytes', [None, 1])
+def test_conv3x3_winograd_flip_transpose_is_the_input_gradient(height, width, dilation,
+                                                               padding, chunk_bytes,
+                                                               monkeypatch):
+  """flip_transpose=True on dy is the plain conv's input gradient (also with dy's
+  channels in chunks of one)."""
+  kx, kw, ky = jax.random.split(jax.random.key(11), 3)
+  x = jax.random.normal(kx, (2, height, width, 5))
+  w = jax.random.normal(kw, (3, 3, 5, 6))
+  plain = lambda x_: layers._conv_nhwc(x_, w, (1, 1), padding, dilation)  # noqa: E731
+  dy = jax.random.normal(ky, plain(x).shape)
+  want, = jax.vjp(plain, x)[1](dy)
+  if chunk_bytes is not None:
+    monkeypatch.setattr(layers, 'WINOGRAD_CHUNK_BYTES', chunk_bytes)
+  pads = layers._input_grad_padding(w.shape, padding, dilation)
+  got = jax.jit(lambda w_, dy_: layers.conv3x3_winograd(dy_, w_, pads, dilation,
+                                                        flip_transpose=True))(w, dy)
+  assert got.shape == x.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+
+def test_winograd_input_grad_pays_where_the_input_gradients_conv_is_wide_and_dense():
+  dy = jnp.ones((2, 40, 40, 256))
+  same = ((1, 1), ((1, 1), (1, 1)), (1, 1))
+  assert layers.winograd_input_grad_pays(dy, jnp.ones((3, 3, 512, 256)), *same)
+  assert not layers.winograd_input_grad_pays(dy, jnp.ones((3, 3, 64, 256)), *same)  # narrow
+  assert not layers.winograd_input_grad_pays(dy, jnp.ones((3, 3, 256, 256)), (2, 2),
+                                             ((1, 1), (1, 1)), (1, 1))         # strided
+  # Padding beyond the kernel's reach: the input gradient's conv would crop (negative pad).
+  assert not layers.winograd_input_grad_pays(dy, jnp.ones((3, 3, 256, 256)), (1, 1),
+                                             ((3, 3), (3, 3)), (1, 1))
+  assert not layers.winograd_input_grad_pays(dy, jnp.ones((3, 3, 256, 256)), (1, 1),
+                                             ((24, 24), (24, 24)), (24, 24))  # mostly padding
+
+
 def test_conv3x3_winograd_in_channel_chunks_equals_one_chunk(monkeypatch):
   # 16 * 2 * 5 * 5 tiles * 4 bytes = 3200 bytes per input channel.
   assert layers._winograd_channel_chunk(2 * 5 * 5, 12) == 12
@@ -589,7 +627,7 @@ def test_conv3x3_winograd_in_channel_chunks_equals_one_chunk(monkeypatch):
 
 def test_winograd_computes_wide_dense_3x3_forward_also_under_grad():
   """The forward of a wide dense 3x3 conv is Winograd's (no XLA conv), also under
-  jax.grad, and the gradients are the plain conv's."""
+  jax.grad, so is its input gradient, and the gradients are the plain conv's."""
   x = jax.random.normal(jax.random.key(8), (1, 8, 8, 256))
   w = jax.random.normal(jax.random.key(9), (3, 3, 256, 256)) / 48.0
   args = ((1, 1), ((1, 1), (1, 1)), (1, 1))
@@ -601,6 +639,9 @@ def test_winograd_computes_wide_dense_3x3_forward_also_under_grad():
   loss = lambda f: lambda x_, w_: jnp.sum(f(x_, w_) ** 2)  # noqa: E731
   hlo = jax.jit(jax.grad(loss(ours), argnums=(0, 1))).lower(x, w).as_text()
   assert 'convolution' not in hlo
+  # 16 Winograd tap matmuls forward, 16 for the input gradient, 1 for the filter gradient.
+  assert layers.winograd_input_grad_pays(x, w, *args)
+  assert hlo.count('dot_general') == 33
   got = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, w)
   want = jax.grad(loss(plain), argnums=(0, 1))(x, w)
   for a, b in zip(got, want):

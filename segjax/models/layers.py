@@ -88,7 +88,8 @@ def torch_padding(kernel_size: int | Sequence[int],
 #   The gradients of stride-1 kxk convs that are not mostly padding are two matmuls
 #   over the shifted windows of the padded output gradient instead
 #   (`conv_grads_from_output_windows`), and the wide dense 3x3 stride-1 float32 convs'
-#   forward is Winograd's F(2x2, 3x3) (`conv3x3_winograd`).
+#   forward and input gradient are Winograd's F(2x2, 3x3) (`conv3x3_winograd`; the
+#   input gradient with the flipped, transposed kernel).
 #   Before all that, stride-1 kxk convs on large maps (at least 2 x 160 x 160 outputs)
 #   keep XLA's forward and input gradient and get XLA's filter gradient summed over
 #   blocks of output rows (`conv_blocked_filter_grad`; 2.5-6x faster there). And
@@ -404,9 +405,22 @@ def _winograd_taps(x: jax.Array, axis: int, tiles: int) -> list[jax.Array]:
   return _combine(_WINOGRAD_BT, [take(0, 0), take(0, 1), take(1, 0), take(1, 1)])
 
 
+# G applied to a reversed 3-tap kernel is G applied to the kernel with rows 0 and 3
+# swapped (rows 1 and 2 are symmetric): the transformed kernel of the input gradient's
+# conv (flipped taps) is the forward's, re-indexed.
+_WINOGRAD_G_REVERSED = (3, 1, 2, 0)
+
+
 def conv3x3_winograd(x: jax.Array, w: jax.Array, padding: tuple[tuple[int, int], ...],
-                     dilation: tuple[int, int]) -> jax.Array:
+                     dilation: tuple[int, int], *, flip_transpose: bool = False) -> jax.Array:
   """The stride-1 NHWC x HWIO 3x3 conv (any padding and dilation) by F(2x2, 3x3).
+
+  `flip_transpose=True` convolves with the kernel `w[::-1, ::-1]` with its input and
+  output channels swapped (w is still [3, 3, A, B]; x has B channels, the result A): the
+  input gradient's conv. It reads w in place, the transformed taps re-indexed
+  (`_WINOGRAD_G_REVERSED`) and contracted on their last dimension: transposing w inside
+  the program instead made XLA read it transposed in the kernel transform, 2.7x slower
+  (375 vs 141 ms for the 2048->512 head's input gradient on 2x40x40).
 
   With dilation d the tiles lie on the dilated lattice: a tile's two outputs along an
   axis are d apart and read inputs d apart. The output is computed on a grid rounded
@@ -415,7 +429,7 @@ def conv3x3_winograd(x: jax.Array, w: jax.Array, padding: tuple[tuple[int, int],
   output in float32, tests/test_layers.py).
   """
   batch, height, width, cin = x.shape
-  cout = w.shape[-1]
+  cout = w.shape[2] if flip_transpose else w.shape[3]
   (top, bottom), (left, right) = padding
   dh, dw = dilation
   out_h = height + top + bottom - 2 * dh
@@ -433,15 +447,21 @@ def conv3x3_winograd(x: jax.Array, w: jax.Array, padding: tuple[tuple[int, int],
   for c0 in range(0, cin, chunk):
     xc = jnp.pad(x[..., c0:c0 + chunk], pads).reshape(
         batch, tiles_h + 1, 2, dh, tiles_w + 1, 2, dw, -1)
-    wc = w[:, :, c0:c0 + chunk]
+    wc = w[..., c0:c0 + chunk] if flip_transpose else w[:, :, c0:c0 + chunk]
     # B^T d B: along the columns, then along the rows of each column result.
     cols = _winograd_taps(xc, 4, tiles_w)            # 4 x [b, th+1, 2, dh, tw, dw, c]
-    v = [row.reshape(-1, wc.shape[2]) for col in cols for row in _winograd_taps(col, 1, tiles_h)]
+    v = [row.reshape(-1, xc.shape[-1]) for col in cols for row in _winograd_taps(col, 1, tiles_h)]
     # G g G^T, in the same (col, row) order.
-    g_rows = _combine(_WINOGRAD_G, [wc[0], wc[1], wc[2]])          # 4 x [3 (kw), c, co]
+    g_rows = _combine(_WINOGRAD_G, [wc[0], wc[1], wc[2]])          # 4 x [3 (kw), ., .]
     g = [_combine(_WINOGRAD_G, [r[0], r[1], r[2]]) for r in g_rows]  # g[row][col]
     for k in range(16):
-      part = jnp.dot(v[k], g[k % 4][k // 4], preferred_element_type=jnp.float32)
+      row, col = k % 4, k // 4
+      if flip_transpose:                             # [tiles, c] x [co, c]^T
+        tap = g[_WINOGRAD_G_REVERSED[row]][_WINOGRAD_G_REVERSED[col]]
+        part = lax.dot_general(v[k], tap, (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+      else:
+        part = jnp.dot(v[k], g[row][col], preferred_element_type=jnp.float32)
       m[k] = part if m[k] is None else m[k] + part
   m = [mk.reshape(batch, tiles_h, dh, tiles_w, dw, cout) for mk in m]
   # A^T m A: along the columns (for each row), then along the rows.
@@ -592,6 +612,11 @@ def _conv_tap_matmuls_fwd(x, w, strides, padding, dilation):
 def _conv_tap_matmuls_bwd(strides, padding, dilation, residuals, dy):
   x, w = residuals
   if output_window_grads_pay(x.shape, w.shape, strides, padding, dilation):
+    if winograd_input_grad_pays(dy, w, strides, padding, dilation):
+      _, dw = conv_grads_from_output_windows(x, w, dy, padding, dilation, input_grad=False)
+      dx = conv3x3_winograd(dy, w, _input_grad_padding(w.shape, padding, dilation), dilation,
+                            flip_transpose=True)
+      return dx.astype(x.dtype), dw
     return conv_grads_from_output_windows(x, w, dy, padding, dilation)
   _, vjp = jax.vjp(lambda x_, w_: conv_as_tap_matmuls(x_, w_, strides, padding, dilation),
                    x, w)
@@ -618,10 +643,33 @@ def output_window_grads_pay(x_shape, w_shape, strides, padding, dilation) -> boo
                                dilation) < SPARSE_TAP_FRACTION)
 
 
+# The input gradient of a wide dense stride-1 3x3 conv is Winograd's F(2x2, 3x3) of dy
+# with the flipped, transposed kernel (`conv3x3_winograd(flip_transpose=True)`), where
+# `winograd_input_grad_pays`; its filter gradient still comes from dy's windows. Per op on
+# 2x40x40 (idle, 2026-12-05): 2048->512 135 vs 277 ms (the windows' dx matmul), 512->512
+# at dilation 4 40 vs 93 ms, 1024->256 45 vs 79 ms, 256->256 at dilation 2 9 vs 33 ms.
+def _input_grad_padding(w_shape, padding, dilation) -> tuple[tuple[int, int], ...]:
+  """The padding of the input gradient's conv (dy by the flipped kernel, stride 1)."""
+  return tuple(((k - 1) * d - lo, (k - 1) * d - hi)
+               for k, d, (lo, hi) in zip(w_shape[:2], dilation, padding))
+
+
+def winograd_input_grad_pays(dy, w, strides, padding, dilation) -> bool:
+  """Whether `conv_tap_matmuls`' backward computes the input gradient by Winograd: when
+  the input gradient's conv (stride 1, non-negative padding) is one `winograd_pays`."""
+  pads = _input_grad_padding(w.shape, padding, dilation)
+  if tuple(strides) != (1, 1) or any(p < 0 for pair in pads for p in pair):
+    return False
+  flipped = jax.ShapeDtypeStruct(tuple(w.shape[:2]) + (w.shape[3], w.shape[2]), w.dtype)
+  return winograd_pays(dy, flipped, (1, 1), pads, dilation)
+
+
 def conv_grads_from_output_windows(x: jax.Array, w: jax.Array, dy: jax.Array,
                                    padding: tuple[tuple[int, int], ...],
-                                   dilation: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
-  """(dx, dw) of the stride-1 NHWC x HWIO conv for output gradient dy.
+                                   dilation: tuple[int, int], *, input_grad: bool = True
+                                   ) -> tuple[jax.Array | None, jax.Array]:
+  """(dx, dw) of the stride-1 NHWC x HWIO conv for output gradient dy (dx None when not
+  `input_grad`).
 
   Input position q meets output q - s_t through tap t (offset s_t = tap * dilation -
   pad_lo per axis), so with dy zero-padded, window_t[q] = dy[q - s_t] and
@@ -652,12 +700,15 @@ def conv_grads_from_output_windows(x: jax.Array, w: jax.Array, dy: jax.Array,
     cols = jnp.concatenate([lax.slice_in_dim(lax.slice_in_dim(part, r, r + height, axis=1),
                                              c, c + width, axis=2) for r, c in starts],
                            axis=-1).reshape(-1, kh * kw * cout)
-    dxs.append(jnp.dot(cols, kernel_t, preferred_element_type=jnp.float32
-                       ).reshape(xs.shape).astype(x.dtype))
+    if input_grad:
+      dxs.append(jnp.dot(cols, kernel_t, preferred_element_type=jnp.float32
+                         ).reshape(xs.shape).astype(x.dtype))
     part_dw = lax.dot_general(xs.reshape(-1, cin), cols, (((0,), (0,)), ((), ())),
                               preferred_element_type=jnp.float32)
     dw = part_dw if dw is None else dw + part_dw
   dw = jnp.transpose(dw.reshape(cin, kh, kw, cout), (1, 2, 0, 3)).astype(w.dtype)
+  if not input_grad:
+    return None, dw
   return (dxs[0] if len(dxs) == 1 else jnp.concatenate(dxs)), dw
 
 
