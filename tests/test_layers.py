@@ -403,12 +403,24 @@ def test_output_window_grads_for_stride_1_kxk_convs_that_are_mostly_real():
   forward = jax.jit(ours).lower(x, w).as_text()  # Winograd's matmuls
   hlo = jax.jit(jax.grad(lambda x_, w_: jnp.sum(ours(x_, w_) ** 2),
                          argnums=(0, 1))).lower(x, w).as_text()
-  # The same forward, then the filter gradient as one matmul (not one per tap) and the
-  # input gradient by Winograd (16 matmuls); no conv.
+  # The same forward, then both gradients by Winograd (16 matmuls each, not one per tap
+  # and no windows of dy); no conv.
   assert 'stablehlo.convolution' not in hlo
   assert layers.winograd_input_grad_pays(x, w, *args)
   assert (hlo.count('stablehlo.dot_general')
-          == forward.count('stablehlo.dot_general') + 1 + 16)
+          == forward.count('stablehlo.dot_general') + 16 + 16)
+  # A wide 3x3 whose input gradient's conv would need negative padding (padding 3 at
+  # dilation 1) keeps both gradients from dy's windows: two matmuls.
+  crop = ((1, 1), ((3, 3), (3, 3)), (1, 1))
+  x = jnp.ones((1, 40, 40, 256))
+  assert layers.output_window_grads_pay(x.shape, w.shape, *crop)
+  assert not layers.winograd_input_grad_pays(jnp.ones((1, 44, 44, 256)), w, *crop)
+  cropped = lambda x_, w_: layers.conv_tap_matmuls(x_, w_, *crop)  # noqa: E731
+  forward = jax.jit(cropped).lower(x, w).as_text()
+  hlo = jax.jit(jax.grad(lambda x_, w_: jnp.sum(cropped(x_, w_) ** 2),
+                         argnums=(0, 1))).lower(x, w).as_text()
+  assert (hlo.count('stablehlo.dot_general')
+          == forward.count('stablehlo.dot_general') + 2)
 
 
 # (kernel, dilation, input H, W, rows per block): blocks that divide the rows or not,
@@ -594,6 +606,26 @@ def test_conv3x3_winograd_flip_transpose_is_the_input_gradient(height, width, di
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
 
 
+@pytest.mark.parametrize('height,width,dilation,padding', _WINOGRAD_CASES)
+@pytest.mark.parametrize('chunk_bytes', [None, 1])
+def test_conv3x3_winograd_filter_grad_is_the_plain_convs(height, width, dilation, padding,
+                                                         chunk_bytes, monkeypatch):
+  """F(3x3, 2x2) gives the plain conv's filter gradient (also with x's channels in
+  chunks of one)."""
+  kx, kw, ky = jax.random.split(jax.random.key(12), 3)
+  x = jax.random.normal(kx, (2, height, width, 5))
+  w = jax.random.normal(kw, (3, 3, 5, 6))
+  plain = lambda w_: layers._conv_nhwc(x, w_, (1, 1), padding, dilation)  # noqa: E731
+  dy = jax.random.normal(ky, plain(w).shape)
+  want, = jax.vjp(plain, w)[1](dy)
+  if chunk_bytes is not None:
+    monkeypatch.setattr(layers, 'WINOGRAD_CHUNK_BYTES', chunk_bytes)
+  got = jax.jit(lambda x_, dy_: layers.conv3x3_winograd_filter_grad(
+      x_, dy_, padding, dilation))(x, dy)
+  assert got.shape == w.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+
 def test_winograd_input_grad_pays_where_the_input_gradients_conv_is_wide_and_dense():
   dy = jnp.ones((2, 40, 40, 256))
   same = ((1, 1), ((1, 1), (1, 1)), (1, 1))
@@ -627,7 +659,7 @@ def test_conv3x3_winograd_in_channel_chunks_equals_one_chunk(monkeypatch):
 
 def test_winograd_computes_wide_dense_3x3_forward_also_under_grad():
   """The forward of a wide dense 3x3 conv is Winograd's (no XLA conv), also under
-  jax.grad, so is its input gradient, and the gradients are the plain conv's."""
+  jax.grad, so are both its gradients, and they are the plain conv's."""
   x = jax.random.normal(jax.random.key(8), (1, 8, 8, 256))
   w = jax.random.normal(jax.random.key(9), (3, 3, 256, 256)) / 48.0
   args = ((1, 1), ((1, 1), (1, 1)), (1, 1))
@@ -639,9 +671,9 @@ def test_winograd_computes_wide_dense_3x3_forward_also_under_grad():
   loss = lambda f: lambda x_, w_: jnp.sum(f(x_, w_) ** 2)  # noqa: E731
   hlo = jax.jit(jax.grad(loss(ours), argnums=(0, 1))).lower(x, w).as_text()
   assert 'convolution' not in hlo
-  # 16 Winograd tap matmuls forward, 16 for the input gradient, 1 for the filter gradient.
+  # 16 Winograd tap matmuls forward, 16 for the input gradient, 16 for the filter gradient.
   assert layers.winograd_input_grad_pays(x, w, *args)
-  assert hlo.count('dot_general') == 33
+  assert hlo.count('dot_general') == 48
   got = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, w)
   want = jax.grad(loss(plain), argnums=(0, 1))(x, w)
   for a, b in zip(got, want):

@@ -89,7 +89,8 @@ def torch_padding(kernel_size: int | Sequence[int],
 #   over the shifted windows of the padded output gradient instead
 #   (`conv_grads_from_output_windows`), and the wide dense 3x3 stride-1 float32 convs'
 #   forward and input gradient are Winograd's F(2x2, 3x3) (`conv3x3_winograd`; the
-#   input gradient with the flipped, transposed kernel).
+#   input gradient with the flipped, transposed kernel), their filter gradient
+#   F(3x3, 2x2) (`conv3x3_winograd_filter_grad`).
 #   Before all that, stride-1 kxk convs on large maps (at least 2 x 160 x 160 outputs)
 #   keep XLA's forward and input gradient and get XLA's filter gradient summed over
 #   blocks of output rows (`conv_blocked_filter_grad`; 2.5-6x faster there). And
@@ -473,6 +474,52 @@ def conv3x3_winograd(x: jax.Array, w: jax.Array, padding: tuple[tuple[int, int],
   return y[:, :out_h, :out_w].astype(x.dtype)
 
 
+# The filter gradient of a 3x3 conv by Winograd's F(3x3, 2x2) (Lavin & Gray §4: the
+# filter gradient is a correlation of x with dy, the 3x3 taps its outputs): per 2x2 tile
+# of dy and the 4x4 tile of x it meets, 16 products instead of 36. The x tiles and their
+# transform B^T d B are the forward's; dy's 2x2 tiles are transformed by G' (4x2) and the
+# 16 transformed taps are summed over all tiles and images by matmuls; A'^T (3x4) gives
+# the taps. Rows of G' and A'^T (points 0, 1, -1 and infinity, checked against the
+# direct correlation in tests/test_layers.py).
+_WINOGRAD_FILTER_G = ((1, 0), (0.5, 0.5), (0.5, -0.5), (0, 1))
+_WINOGRAD_FILTER_AT = ((1, 1, 1, 0), (0, 1, -1, 0), (0, 1, 1, -1))
+
+
+def conv3x3_winograd_filter_grad(x: jax.Array, dy: jax.Array,
+                                 padding: tuple[tuple[int, int], ...],
+                                 dilation: tuple[int, int]) -> jax.Array:
+  """dw [3, 3, Cin, Cout] of the stride-1 NHWC 3x3 conv of x with output gradient dy,
+  by F(3x3, 2x2) on the forward's dilated tile lattice (dy zero-padded to whole tiles).
+  f32 accumulation; x's channels in chunks as in `conv3x3_winograd`."""
+  batch, height, width, cin = x.shape
+  out_h, out_w, cout = dy.shape[1:]
+  (top, _), (left, _) = padding
+  dh, dw = dilation
+  tiles_h, tiles_w = -(-out_h // (2 * dh)), -(-out_w // (2 * dw))
+  pads = ((0, 0), (top, 2 * dh * (tiles_h + 1) - height - top),
+          (left, 2 * dw * (tiles_w + 1) - width - left), (0, 0))
+  dyp = jnp.pad(dy, ((0, 0), (0, 2 * dh * tiles_h - out_h), (0, 2 * dw * tiles_w - out_w),
+                     (0, 0))).reshape(batch, tiles_h, 2, dh, tiles_w, 2, dw, cout)
+  # G' g G'^T: along the columns, then along the rows; u[4 * col + row] as v below.
+  dy_cols = _combine(_WINOGRAD_FILTER_G, [dyp[:, :, :, :, :, 0], dyp[:, :, :, :, :, 1]])
+  u = [row.reshape(-1, cout) for col in dy_cols
+       for row in _combine(_WINOGRAD_FILTER_G, [col[:, :, 0], col[:, :, 1]])]
+  chunk = _winograd_channel_chunk(batch * tiles_h * dh * tiles_w * dw, cin)
+  parts = []
+  for c0 in range(0, cin, chunk):
+    xc = jnp.pad(x[..., c0:c0 + chunk], pads).reshape(
+        batch, tiles_h + 1, 2, dh, tiles_w + 1, 2, dw, -1)
+    cols = _winograd_taps(xc, 4, tiles_w)
+    v = [row.reshape(-1, xc.shape[-1]) for col in cols for row in _winograd_taps(col, 1, tiles_h)]
+    parts.append([lax.dot_general(v[k], u[k], (((0,), (0,)), ((), ())),
+                                  preferred_element_type=jnp.float32) for k in range(16)])
+  m = [p[0] if len(parts) == 1 else jnp.concatenate(p) for p in zip(*parts)]  # [cin, cout]
+  # A'^T M A': along the columns (for each row), then along the rows.
+  by_col = [_combine(_WINOGRAD_FILTER_AT, [m[4 * c + r] for c in range(4)]) for r in range(4)]
+  taps = [_combine(_WINOGRAD_FILTER_AT, [by_col[r][j] for r in range(4)]) for j in range(3)]
+  return jnp.stack([jnp.stack([taps[j][i] for j in range(3)]) for i in range(3)])
+
+
 # conv3x3_winograd's transformed input is computed in input-channel chunks of at most
 # this many bytes (FCN-ResNet50's 2048->512 head on 2x40x40: 105 MB whole).
 WINOGRAD_CHUNK_BYTES = 32 * 2**20
@@ -613,10 +660,13 @@ def _conv_tap_matmuls_bwd(strides, padding, dilation, residuals, dy):
   x, w = residuals
   if output_window_grads_pay(x.shape, w.shape, strides, padding, dilation):
     if winograd_input_grad_pays(dy, w, strides, padding, dilation):
-      _, dw = conv_grads_from_output_windows(x, w, dy, padding, dilation, input_grad=False)
       dx = conv3x3_winograd(dy, w, _input_grad_padding(w.shape, padding, dilation), dilation,
                             flip_transpose=True)
-      return dx.astype(x.dtype), dw
+      if winograd_pays(x, w, strides, padding, dilation):
+        dw = conv3x3_winograd_filter_grad(x, dy, padding, dilation)
+      else:
+        _, dw = conv_grads_from_output_windows(x, w, dy, padding, dilation, input_grad=False)
+      return dx.astype(x.dtype), dw.astype(w.dtype)
     return conv_grads_from_output_windows(x, w, dy, padding, dilation)
   _, vjp = jax.vjp(lambda x_, w_: conv_as_tap_matmuls(x_, w_, strides, padding, dilation),
                    x, w)
@@ -645,9 +695,13 @@ def output_window_grads_pay(x_shape, w_shape, strides, padding, dilation) -> boo
 
 # The input gradient of a wide dense stride-1 3x3 conv is Winograd's F(2x2, 3x3) of dy
 # with the flipped, transposed kernel (`conv3x3_winograd(flip_transpose=True)`), where
-# `winograd_input_grad_pays`; its filter gradient still comes from dy's windows. Per op on
-# 2x40x40 (idle, 2026-12-05): 2048->512 135 vs 277 ms (the windows' dx matmul), 512->512
-# at dilation 4 40 vs 93 ms, 1024->256 45 vs 79 ms, 256->256 at dilation 2 9 vs 33 ms.
+# `winograd_input_grad_pays`, and its filter gradient F(3x3, 2x2)
+# (`conv3x3_winograd_filter_grad`) where the forward is Winograd's too; otherwise they
+# come from dy's windows. Per op on 2x40x40 (idle, 2026-12-05), Winograd against the
+# windows: input gradient 2048->512 135 vs 277 ms, 512->512 at dilation 4 40 vs 93 ms,
+# 1024->256 45 vs 79 ms, 256->256 at dilation 2 9 vs 33 ms; filter gradient 184 vs 269,
+# 46 vs 95, 57 vs 70, 11 vs 35 ms. FCN-ResNet50 train step (in-process A/Bs, 5 pairs):
+# 1.11x from the input gradients, 1.10x more from the filter gradients.
 def _input_grad_padding(w_shape, padding, dilation) -> tuple[tuple[int, int], ...]:
   """The padding of the input gradient's conv (dy by the flipped kernel, stride 1)."""
   return tuple(((k - 1) * d - lo, (k - 1) * d - hi)
