@@ -63,3 +63,10 @@ $B $FCN --mode=infer --batch_size=2 --image_size=320,320 --compare=torchvision -
 $B $DEEPLAB --mode=infer --batch_size=2 --image_size=320,320 --compare=torchvision --steps=7 --json=$R/deeplabv3_infer_2d_taps.json
 # ... with conv_weight_grad='tap_matmuls_nested' in the Mask R-CNN mask branch (same session).
 $B $MRCNN --mode=train --json=$R/maskrcnn_train_nested_tap_matmuls.json
+# Both gradients of the wide dense 3x3 convs by Winograd: the input gradient F(2x2, 3x3)
+# with the flipped kernel, the filter gradient F(3x3, 2x2) (2026-12-05, session 17).
+$B $FCN --mode=train $SEG --json=$R/fcn_resnet50_train_winograd_grads.json
+$B $DEEPLAB --mode=train $SEG --json=$R/deeplabv3_train_winograd_grads.json
+$B $MRCNN --mode=train --json=$R/maskrcnn_train_winograd_grads.json
+$B $VGG --mode=train --steps=5 --json=$R/fcn8s_vgg16_train_winograd_grads.json
+$B $FCN --mode=infer --batch_size=2 --image_size=320,320 --compare=torchvision --steps=7 --json=$R/fcn_resnet50_infer_s17.json
