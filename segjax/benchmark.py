@@ -2,14 +2,17 @@ r"""Benchmark harness: segjax's jitted train step / inference, optionally agains
 
   python -m segjax.benchmark --config=configs/deeplab_v3.py:voc \
       --config.model.backbone=resnet50 --mode=train --batch_size=2 --image_size=320,320 \
-      --compare=torchvision [--steps=5] [--memory] [--json=out.json]
+      --compare=torchvision [--steps=5] [--memory] [--same_state] [--json=out.json]
   python -m segjax.benchmark --workload=roi_align --compare=torchvision
   python -m segjax.benchmark --workload=pipeline --config=configs/fcn8s.py
 
 What it reports (recorded results and exact commands: experiments/benchmarks/README.md):
 - compile time (JAX tracing + lowering + XLA compile, from jax.monitoring) separately
   from the timed steps; the timed steps are `--steps` A/B pairs, segjax then
-  torchvision, alternating in one process, after `--warmup` untimed steps each;
+  torchvision, alternating in one process, after `--warmup` untimed steps each (train
+  steps feed their state forward; with `--same_state` each step starts, on each side,
+  from that side's initial state, restored untimed: a fixed computation also for Mask
+  R-CNN, whose cost follows the sampled positives);
 - per side the median / min / max step time and images/s; per pair the speed ratio
   t_torchvision / t_segjax (> 1: segjax faster) and its median, min, max;
 - achieved GFLOP/s from XLA's cost analysis of the jitted step (torchvision's from
@@ -106,8 +109,14 @@ def compare(ours, theirs, *, steps: int, warmup: int, matmul_peak: bool = True,
 def run_model(config, *, mode: str, batch_size: int | None = None,
               image_size: tuple[int, int] | None = None, reference: str = 'none',
               steps: int = 5, warmup: int = 1, num_instances: int = 4,
-              matmul_peak: bool = True, log=print) -> dict[str, Any]:
-  """Times `config`'s model (and torchvision's equivalent if `reference='torchvision'`)."""
+              matmul_peak: bool = True, same_state: bool = False,
+              log=print) -> dict[str, Any]:
+  """Times `config`'s model (and torchvision's equivalent if `reference='torchvision'`).
+
+  `same_state` (train): every step, on each side, starts from that side's initial state.
+  """
+  if same_state and mode != 'train':
+    raise ValueError(f'same_state=True is for train steps; mode={mode!r}')
   from segjax.benchmarks import segjax_workloads
   batch_size = batch_size or config.batch_size
   image_size = tuple(image_size or _default_size(config))
@@ -116,18 +125,19 @@ def run_model(config, *, mode: str, batch_size: int | None = None,
     from segjax.benchmarks import torchvision_workloads
     torchvision_workloads.equivalent(config)  # fail before anything is compiled
   batch = segjax_workloads.make_batch(config, batch_size, image_size, num_instances)
-  ours = segjax_workloads.workload(config, mode, batch)
+  ours = segjax_workloads.workload(config, mode, batch, same_state=same_state)
   theirs = None
   if reference == 'torchvision':
-    theirs = torchvision_workloads.workload(config, mode, batch)
+    theirs = torchvision_workloads.workload(config, mode, batch, same_state=same_state)
   elif reference == 'xla_conv_grad':
     theirs = _with_conv_grad(
-        lambda: segjax_workloads.workload(config, mode, batch, name='segjax_xla_conv_grad'),
+        lambda: segjax_workloads.workload(config, mode, batch, name='segjax_xla_conv_grad',
+                                          same_state=same_state),
         'xla')
   report = compare(ours, theirs, steps=steps, warmup=warmup, matmul_peak=matmul_peak, log=log)
   report.update(model=config.model.name, backbone=config.model.get('backbone'),
                 dtype=config.model.get('dtype'), mode=mode, batch_size=batch_size,
-                image_size=list(image_size))
+                image_size=list(image_size), same_state=same_state)
   return report
 
 
@@ -283,7 +293,7 @@ def main(argv):
     else:
       report = run_model(config, mode=_MODE.value, batch_size=_BATCH.value, image_size=size,
                          reference=_COMPARE.value, steps=_STEPS.value, warmup=_WARMUP.value,
-                         num_instances=_INSTANCES.value)
+                         num_instances=_INSTANCES.value, same_state=_SAME_STATE.value)
       if _MEMORY.value:
         report['memory'] = measure_memory(
             sys.argv, ('segjax', 'torchvision') if _COMPARE.value == 'torchvision' else ('segjax',))
@@ -323,6 +333,10 @@ if __name__ == '__main__':
   _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps (pairs with --compare); at least 5.')
   _WARMUP = flags.DEFINE_integer('warmup', 1, 'Untimed steps per side before timing.')
   _INSTANCES = flags.DEFINE_integer('num_instances', 4, 'Ground-truth objects per image (detectors).')
+  _SAME_STATE = flags.DEFINE_bool(
+      'same_state', False, 'Train rows: restore each side\'s initial state (untimed) before '
+      'every step, so that every step is the same computation even where its cost depends on '
+      'the training state (Mask R-CNN: the sampled positives).')
   _SAMPLING = flags.DEFINE_integer('roi_sampling_ratio', 2, 'RoIAlign row: sampling_ratio.')
   _MEMORY = flags.DEFINE_bool('memory', False, 'Also measure peak RSS minus import per side '
                               '(one subprocess each).')

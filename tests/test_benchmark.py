@@ -57,6 +57,44 @@ def test_train_step_compiles_once_and_reports_flops(tiny_infer):
   assert 2 < side['flops_per_step'] / tiny_infer.flops_per_step < 8
 
 
+def test_same_state_makes_every_train_step_the_same_computation():
+  """With same_state each train step starts from the initial state (restored by
+  before_step, untimed): the same loss every step; without it the state moves on."""
+  config = segjax_workloads.prepare_config(tiny_fcn_config(), 1, (32, 32))
+  config.optimizer.learning_rate = 0.1
+  batch = segjax_workloads.make_batch(config, 1, (32, 32))
+  losses = {}
+  for same_state in (False, True):
+    workload = segjax_workloads.workload(config, 'train', batch, same_state=same_state)
+    assert (workload.before_step is not None) == same_state
+    losses[same_state] = []
+    for _ in range(3):
+      measure.time_step(workload)  # calls before_step first
+      losses[same_state].append(float(workload.step()['loss']))
+  first, *rest = losses[True]
+  assert all(loss == first for loss in rest)
+  assert len(set(losses[False])) == 3
+  with pytest.raises(ValueError, match='same_state=True is for train steps'):
+    benchmark.run_model(tiny_fcn_config(), mode='infer', same_state=True)
+
+
+def test_torchvision_same_state_restores_model_optimizer_and_rng():
+  pytest.importorskip('torchvision')
+  config = segjax_workloads.prepare_config(_get_config('fcn_resnet50', 'voc'), 1, (32, 32))
+  batch = segjax_workloads.make_batch(config, 1, (32, 32))
+  losses = {}
+  for same_state in (False, True):
+    workload = torchvision_workloads.workload(config, 'train', batch, count_flops=False,
+                                              same_state=same_state)
+    losses[same_state] = []
+    for _ in range(3):
+      if workload.before_step is not None:
+        workload.before_step()
+      losses[same_state].append(workload.step())
+  assert losses[True][0] == losses[True][1] == losses[True][2]
+  assert len(set(losses[False])) == 3
+
+
 def test_compile_count_is_the_workloads_own():
   # Two inference workloads of different shapes in one process (as another test file or
   # a user's code jitting steps.predict): each counts only its own compilation.

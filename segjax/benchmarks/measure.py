@@ -75,6 +75,8 @@ class Workload:
     for torchvision), or None.
   cache_size: for a jitted segjax step, the number of executables its jit cache holds
     (1 when nothing recompiled).
+  before_step: run, untimed, before every warm-up and timed step (e.g. to restore the
+    initial training state), or None.
   """
   name: str
   step: Callable[[], Any]
@@ -82,16 +84,21 @@ class Workload:
   flops_per_step: float | None = None
   cache_size: Callable[[], int] | None = None
   info: dict[str, Any] = dataclasses.field(default_factory=dict)
+  before_step: Callable[[], Any] | None = None
 
 
 def warm_up(workload: Workload, steps: int = 1) -> dict[str, float]:
   """Runs `steps` untimed steps; returns the first one's wall time and JAX compile time."""
   monitor = compile_monitor()
   compiles, seconds = monitor.snapshot()
+  if workload.before_step is not None:
+    workload.before_step()
   start = time.perf_counter()
   workload.step()
   first = time.perf_counter() - start
   for _ in range(steps - 1):
+    if workload.before_step is not None:
+      workload.before_step()
     workload.step()
   new_compiles, new_seconds = monitor.snapshot()
   return {'first_step_s': first, 'compile_s': new_seconds - seconds,
@@ -99,6 +106,8 @@ def warm_up(workload: Workload, steps: int = 1) -> dict[str, float]:
 
 
 def time_step(workload: Workload) -> float:
+  if workload.before_step is not None:
+    workload.before_step()
   start = time.perf_counter()
   workload.step()
   return time.perf_counter() - start

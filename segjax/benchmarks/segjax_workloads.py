@@ -79,8 +79,13 @@ def _instance_infer(state: TrainState, batch: dict[str, jax.Array]) -> dict[str,
 
 
 def workload(config: ml_collections.ConfigDict, mode: str, batch: dict[str, np.ndarray],
-             *, name: str = 'segjax') -> Workload:
-  """The segjax `mode` step of `config` on `batch` (host arrays), ready to time."""
+             *, name: str = 'segjax', same_state: bool = False) -> Workload:
+  """The segjax `mode` step of `config` on `batch` (host arrays), ready to time.
+
+  `same_state` (train): every step starts from the initial state, restored untimed
+  before it (`Workload.before_step`), so each step is the same computation even where
+  its cost depends on the training state (Mask R-CNN's sampled positives).
+  """
   if mode not in MODES:
     raise ValueError(f'mode={mode!r} is not valid; choose one of {MODES}')
   state = create_state(config)
@@ -102,10 +107,19 @@ def workload(config: ml_collections.ConfigDict, mode: str, batch: dict[str, np.n
     jitted = jax.jit(step_fn, donate_argnums=(0,))
     flops = xla_flops(jitted, state, device_batch)
     holder = {'state': state}
+    before_step = None
+    if same_state:
+      initial = state  # never donated: each step gets a copy
+
+      def before_step():
+        holder['state'] = jax.block_until_ready(
+            jax.tree.map(lambda x: jnp.array(x, copy=True), initial))
+      before_step()
 
     def step():
       holder['state'], metrics = jitted(holder['state'], device_batch)
       jax.block_until_ready((holder['state'], metrics))
+      return metrics
   else:
     if is_instance(config):
       infer_fn = _instance_infer
@@ -123,9 +137,11 @@ def workload(config: ml_collections.ConfigDict, mode: str, batch: dict[str, np.n
     jitted = jax.jit(infer)
     flops = xla_flops(jitted, state, device_batch)
 
+    before_step = None
+
     def step():
       jax.block_until_ready(jitted(state, device_batch))
 
   return Workload(name=name, step=step, images_per_step=images, flops_per_step=flops,
-                  cache_size=jitted._cache_size,
+                  before_step=before_step, cache_size=jitted._cache_size,
                   info={'trace_lower_s': compile_monitor().snapshot()[1] - traced_before})

@@ -197,8 +197,13 @@ def instance_model(config: ml_collections.ConfigDict, image_size: tuple[int, int
 
 
 def workload(config: ml_collections.ConfigDict, mode: str, batch: dict[str, np.ndarray],
-             *, name: str = 'torchvision', count_flops: bool = True) -> Workload:
-  """torchvision's `mode` step on the same `batch` (the segjax layout, transposed here)."""
+             *, name: str = 'torchvision', count_flops: bool = True,
+             same_state: bool = False) -> Workload:
+  """torchvision's `mode` step on the same `batch` (the segjax layout, transposed here).
+
+  `same_state` (train): the model's and optimizer's initial state and torch's RNG are
+  restored, untimed, before every step, as segjax's side does.
+  """
   import torch
   import torch.nn.functional as F
   from segjax.benchmarks.segjax_workloads import is_instance
@@ -239,8 +244,21 @@ def workload(config: ml_collections.ConfigDict, mode: str, batch: dict[str, np.n
           loss = loss + aux_weight * F.cross_entropy(out['aux'], labels, ignore_index=ignore)
       loss.backward()
       optimizer.step()
+      return float(loss)
+
+    before_step = None
+    if same_state:
+      import copy
+      initial_model = copy.deepcopy(model.state_dict())
+      initial_optimizer = copy.deepcopy(optimizer.state_dict())  # no momentum yet
+
+      def before_step():
+        model.load_state_dict(initial_model)
+        optimizer.load_state_dict(initial_optimizer)
+        torch.manual_seed(int(config.seed))
   else:
     model.eval()
+    before_step = None
 
     def step():
       with torch.inference_mode():
@@ -248,5 +266,5 @@ def workload(config: ml_collections.ConfigDict, mode: str, batch: dict[str, np.n
 
   flops = _torch_flops(step) if count_flops else None
   return Workload(name=name, step=step, images_per_step=int(images.shape[0]),
-                  flops_per_step=flops, info={'builder': equivalent(config),
-                                              'threads': torch.get_num_threads()})
+                  flops_per_step=flops, before_step=before_step,
+                  info={'builder': equivalent(config), 'threads': torch.get_num_threads()})
