@@ -70,3 +70,5 @@ $B $DEEPLAB --mode=train $SEG --json=$R/deeplabv3_train_winograd_grads.json
 $B $MRCNN --mode=train --json=$R/maskrcnn_train_winograd_grads.json
 $B $VGG --mode=train --steps=5 --json=$R/fcn8s_vgg16_train_winograd_grads.json
 $B $FCN --mode=infer --batch_size=2 --image_size=320,320 --compare=torchvision --steps=7 --json=$R/fcn_resnet50_infer_s17.json
+# ... and the Mask R-CNN train row with every step from each side's initial state.
+$B $MRCNN --mode=train --same_state --json=$R/maskrcnn_train_same_state.json
