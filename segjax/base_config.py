@@ -62,12 +62,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   # How convolutions are computed (segjax.models.layers.CONV_WEIGHT_GRADS): 'xla', or
   # matmuls: 'tap_matmuls' (both gradients of the wide, 1x1 and mostly-padding convs as
   # matmuls, the forward of 1x1 and mostly-padding dilated convs, e.g. ASPP's, as per-tap
-  # matmuls, the wide dense 3x3 convs' forward by Winograd F(2x2, 3x3), ~85 MB more
-  # scratch in FCN-ResNet50 inference), 'tap_matmuls_nested' (the same for convs inside
-  # a conditional; set by the Mask R-CNN mask branch), 'taps' / 'taps_1x1' (filter
-  # gradient only). Same values to float rounding. 'auto': 'tap_matmuls' when JAX's
-  # default backend is the CPU (DeepLabV3-ResNet50 inference 0.59x -> 1.29x
-  # torchvision's speed, train step 0.50x -> 1.07x; experiments/benchmarks), 'xla' on
+  # matmuls, the wide dense 3x3 convs' forward and both gradients by Winograd, ~85 MB
+  # more scratch in FCN-ResNet50 inference), 'tap_matmuls_nested' (the same for convs
+  # inside a conditional; set by the Mask R-CNN mask branch), 'taps' / 'taps_1x1'
+  # (filter gradient only). Same values to float rounding. 'auto': 'tap_matmuls' when
+  # JAX's default backend is the CPU (DeepLabV3-ResNet50 inference 0.59x -> 1.29x
+  # torchvision's speed, train step 0.50x -> 1.16x; experiments/benchmarks), 'xla' on
   # GPU/TPU.
   config.conv_weight_grad = 'auto'
   # Batches put on the devices ahead of the step that uses them, so the host-to-device

@@ -586,44 +586,28 @@ def test_conv3x3_winograd_equals_the_plain_conv(height, width, dilation, padding
 
 @pytest.mark.parametrize('height,width,dilation,padding', _WINOGRAD_CASES)
 @pytest.mark.parametrize('chunk_bytes', [None, 1])
-def test_conv3x3_winograd_flip_transpose_is_the_input_gradient(height, width, dilation,
-                                                               padding, chunk_bytes,
-                                                               monkeypatch):
-  """flip_transpose=True on dy is the plain conv's input gradient (also with dy's
-  channels in chunks of one)."""
+def test_winograd_gradients_are_the_plain_convs(height, width, dilation, padding,
+                                                chunk_bytes, monkeypatch):
+  """flip_transpose=True on dy is the plain conv's input gradient and F(3x3, 2x2) its
+  filter gradient (also with the channels in chunks of one)."""
   kx, kw, ky = jax.random.split(jax.random.key(11), 3)
   x = jax.random.normal(kx, (2, height, width, 5))
   w = jax.random.normal(kw, (3, 3, 5, 6))
-  plain = lambda x_: layers._conv_nhwc(x_, w, (1, 1), padding, dilation)  # noqa: E731
-  dy = jax.random.normal(ky, plain(x).shape)
-  want, = jax.vjp(plain, x)[1](dy)
+  plain = lambda x_, w_: layers._conv_nhwc(x_, w_, (1, 1), padding, dilation)  # noqa: E731
+  y, vjp = jax.vjp(plain, x, w)
+  dy = jax.random.normal(ky, y.shape)
+  want_dx, want_dw = vjp(dy)
   if chunk_bytes is not None:
     monkeypatch.setattr(layers, 'WINOGRAD_CHUNK_BYTES', chunk_bytes)
   pads = layers._input_grad_padding(w.shape, padding, dilation)
-  got = jax.jit(lambda w_, dy_: layers.conv3x3_winograd(dy_, w_, pads, dilation,
-                                                        flip_transpose=True))(w, dy)
-  assert got.shape == x.shape
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
-
-
-@pytest.mark.parametrize('height,width,dilation,padding', _WINOGRAD_CASES)
-@pytest.mark.parametrize('chunk_bytes', [None, 1])
-def test_conv3x3_winograd_filter_grad_is_the_plain_convs(height, width, dilation, padding,
-                                                         chunk_bytes, monkeypatch):
-  """F(3x3, 2x2) gives the plain conv's filter gradient (also with x's channels in
-  chunks of one)."""
-  kx, kw, ky = jax.random.split(jax.random.key(12), 3)
-  x = jax.random.normal(kx, (2, height, width, 5))
-  w = jax.random.normal(kw, (3, 3, 5, 6))
-  plain = lambda w_: layers._conv_nhwc(x, w_, (1, 1), padding, dilation)  # noqa: E731
-  dy = jax.random.normal(ky, plain(w).shape)
-  want, = jax.vjp(plain, w)[1](dy)
-  if chunk_bytes is not None:
-    monkeypatch.setattr(layers, 'WINOGRAD_CHUNK_BYTES', chunk_bytes)
-  got = jax.jit(lambda x_, dy_: layers.conv3x3_winograd_filter_grad(
+  got_dx = jax.jit(lambda w_, dy_: layers.conv3x3_winograd(dy_, w_, pads, dilation,
+                                                           flip_transpose=True))(w, dy)
+  got_dw = jax.jit(lambda x_, dy_: layers.conv3x3_winograd_filter_grad(
       x_, dy_, padding, dilation))(x, dy)
-  assert got.shape == w.shape
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+  for got, want in ((got_dx, want_dx), (got_dw, want_dw)):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5,
+                               atol=1e-5 * float(jnp.max(jnp.abs(want))))
 
 
 def test_winograd_input_grad_pays_where_the_input_gradients_conv_is_wide_and_dense():

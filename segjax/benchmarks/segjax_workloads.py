@@ -109,12 +109,11 @@ def workload(config: ml_collections.ConfigDict, mode: str, batch: dict[str, np.n
     holder = {'state': state}
     before_step = None
     if same_state:
-      initial = state  # never donated: each step gets a copy
+      initial = state  # never donated: before_step gives each step a copy
 
       def before_step():
         holder['state'] = jax.block_until_ready(
             jax.tree.map(lambda x: jnp.array(x, copy=True), initial))
-      before_step()
 
     def step():
       holder['state'], metrics = jitted(holder['state'], device_batch)

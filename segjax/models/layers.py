@@ -429,30 +429,17 @@ def conv3x3_winograd(x: jax.Array, w: jax.Array, padding: tuple[tuple[int, int],
   products as the direct conv up to float rounding (max error ~1e-6 of the largest
   output in float32, tests/test_layers.py).
   """
-  batch, height, width, cin = x.shape
+  batch, height, width, _ = x.shape
   cout = w.shape[2] if flip_transpose else w.shape[3]
   (top, bottom), (left, right) = padding
   dh, dw = dilation
   out_h = height + top + bottom - 2 * dh
   out_w = width + left + right - 2 * dw
   tiles_h, tiles_w = -(-out_h // (2 * dh)), -(-out_w // (2 * dw))
-  pads = ((0, 0), (top, 2 * dh * (tiles_h + 1) - height - top),
-          (left, 2 * dw * (tiles_w + 1) - width - left), (0, 0))
-  # The transformed input is 4x the input: the input channels go in chunks (FCN-
-  # ResNet50 inference's XLA temp buffer: 258 MB unchunked, 209 MB with 32 MB chunks).
-  chunk = _winograd_channel_chunk(batch * tiles_h * dh * tiles_w * dw, cin)
-  # The 16 transformed tiles stay 16 arrays and 16 matmuls: stacked into one [16, ...]
-  # operand for a batched matmul, XLA CPU's concatenate made the input transform ~5x
-  # slower (42 vs 8 ms for 512 channels on 2x40x40).
   m = [None] * 16                                    # index 4 * col + row
-  for c0 in range(0, cin, chunk):
-    xc = jnp.pad(x[..., c0:c0 + chunk], pads).reshape(
-        batch, tiles_h + 1, 2, dh, tiles_w + 1, 2, dw, -1)
-    wc = w[..., c0:c0 + chunk] if flip_transpose else w[:, :, c0:c0 + chunk]
-    # B^T d B: along the columns, then along the rows of each column result.
-    cols = _winograd_taps(xc, 4, tiles_w)            # 4 x [b, th+1, 2, dh, tw, dw, c]
-    v = [row.reshape(-1, xc.shape[-1]) for col in cols for row in _winograd_taps(col, 1, tiles_h)]
-    # G g G^T, in the same (col, row) order.
+  for c0, c1, v in _winograd_input_tiles(x, tiles_h, tiles_w, padding, dilation):
+    wc = w[..., c0:c1] if flip_transpose else w[:, :, c0:c1]
+    # G g G^T, in the same (col, row) order as v.
     g_rows = _combine(_WINOGRAD_G, [wc[0], wc[1], wc[2]])          # 4 x [3 (kw), ., .]
     g = [_combine(_WINOGRAD_G, [r[0], r[1], r[2]]) for r in g_rows]  # g[row][col]
     for k in range(16):
@@ -474,6 +461,32 @@ def conv3x3_winograd(x: jax.Array, w: jax.Array, padding: tuple[tuple[int, int],
   return y[:, :out_h, :out_w].astype(x.dtype)
 
 
+def _winograd_input_tiles(x: jax.Array, tiles_h: int, tiles_w: int,
+                          padding: tuple[tuple[int, int], ...], dilation: tuple[int, int]):
+  """Yields (c0, c1, v) for x's input channels [c0, c1), chunk by chunk: v holds the 16
+  transformed 4x4 input tiles B^T d B (index 4 * col + row), each [tiles, c1 - c0], of
+  the tiles_h x tiles_w output tiles (2d x 2d each) on the dilated lattice.
+
+  The transformed input is 4x the input, hence the chunks (FCN-ResNet50 inference's XLA
+  temp buffer: 258 MB unchunked, 209 MB with 32 MB chunks). The 16 tiles stay 16 arrays:
+  stacked into one [16, ...] operand for a batched matmul, XLA CPU's concatenate made
+  the input transform ~5x slower (42 vs 8 ms for 512 channels on 2x40x40).
+  """
+  batch, height, width, cin = x.shape
+  (top, _), (left, _) = padding
+  dh, dw = dilation
+  pads = ((0, 0), (top, 2 * dh * (tiles_h + 1) - height - top),
+          (left, 2 * dw * (tiles_w + 1) - width - left), (0, 0))
+  chunk = _winograd_channel_chunk(batch * tiles_h * dh * tiles_w * dw, cin)
+  for c0 in range(0, cin, chunk):
+    xc = jnp.pad(x[..., c0:c0 + chunk], pads).reshape(
+        batch, tiles_h + 1, 2, dh, tiles_w + 1, 2, dw, -1)
+    # B^T d B: along the columns, then along the rows of each column result.
+    cols = _winograd_taps(xc, 4, tiles_w)            # 4 x [b, th+1, 2, dh, tw, dw, c]
+    yield c0, c0 + xc.shape[-1], [row.reshape(-1, xc.shape[-1]) for col in cols
+                                  for row in _winograd_taps(col, 1, tiles_h)]
+
+
 # The filter gradient of a 3x3 conv by Winograd's F(3x3, 2x2) (Lavin & Gray §4: the
 # filter gradient is a correlation of x with dy, the 3x3 taps its outputs): per 2x2 tile
 # of dy and the 4x4 tile of x it meets, 16 products instead of 36. The x tiles and their
@@ -491,26 +504,17 @@ def conv3x3_winograd_filter_grad(x: jax.Array, dy: jax.Array,
   """dw [3, 3, Cin, Cout] of the stride-1 NHWC 3x3 conv of x with output gradient dy,
   by F(3x3, 2x2) on the forward's dilated tile lattice (dy zero-padded to whole tiles).
   f32 accumulation; x's channels in chunks as in `conv3x3_winograd`."""
-  batch, height, width, cin = x.shape
-  out_h, out_w, cout = dy.shape[1:]
-  (top, _), (left, _) = padding
+  batch, out_h, out_w, cout = dy.shape
   dh, dw = dilation
   tiles_h, tiles_w = -(-out_h // (2 * dh)), -(-out_w // (2 * dw))
-  pads = ((0, 0), (top, 2 * dh * (tiles_h + 1) - height - top),
-          (left, 2 * dw * (tiles_w + 1) - width - left), (0, 0))
   dyp = jnp.pad(dy, ((0, 0), (0, 2 * dh * tiles_h - out_h), (0, 2 * dw * tiles_w - out_w),
                      (0, 0))).reshape(batch, tiles_h, 2, dh, tiles_w, 2, dw, cout)
   # G' g G'^T: along the columns, then along the rows; u[4 * col + row] as v below.
   dy_cols = _combine(_WINOGRAD_FILTER_G, [dyp[:, :, :, :, :, 0], dyp[:, :, :, :, :, 1]])
   u = [row.reshape(-1, cout) for col in dy_cols
        for row in _combine(_WINOGRAD_FILTER_G, [col[:, :, 0], col[:, :, 1]])]
-  chunk = _winograd_channel_chunk(batch * tiles_h * dh * tiles_w * dw, cin)
   parts = []
-  for c0 in range(0, cin, chunk):
-    xc = jnp.pad(x[..., c0:c0 + chunk], pads).reshape(
-        batch, tiles_h + 1, 2, dh, tiles_w + 1, 2, dw, -1)
-    cols = _winograd_taps(xc, 4, tiles_w)
-    v = [row.reshape(-1, xc.shape[-1]) for col in cols for row in _winograd_taps(col, 1, tiles_h)]
+  for _, _, v in _winograd_input_tiles(x, tiles_h, tiles_w, padding, dilation):
     parts.append([lax.dot_general(v[k], u[k], (((0,), (0,)), ((), ())),
                                   preferred_element_type=jnp.float32) for k in range(16)])
   m = [p[0] if len(parts) == 1 else jnp.concatenate(p) for p in zip(*parts)]  # [cin, cout]
@@ -740,7 +744,6 @@ def conv_grads_from_output_windows(x: jax.Array, w: jax.Array, dy: jax.Array,
   dyp = jnp.pad(dy, ((0, 0), pads[0], pads[1], (0, 0)))
   starts = [(pads[0][0] + padding[0][0] - i * dilation[0],
              pads[1][0] + padding[1][0] - j * dilation[1]) for i in range(kh) for j in range(kw)]
-  kernel_t = jnp.transpose(w, (0, 1, 3, 2)).reshape(kh * kw * cout, cin).astype(dy.dtype)
   per_image = height * width * kh * kw * cout * jnp.dtype(dy.dtype).itemsize
   if _static_dims(batch):
     chunk = max(1, min(batch, OUTPUT_WINDOWS_CHUNK_BYTES // per_image))
@@ -755,6 +758,7 @@ def conv_grads_from_output_windows(x: jax.Array, w: jax.Array, dy: jax.Array,
                                              c, c + width, axis=2) for r, c in starts],
                            axis=-1).reshape(-1, kh * kw * cout)
     if input_grad:
+      kernel_t = jnp.transpose(w, (0, 1, 3, 2)).reshape(kh * kw * cout, cin).astype(dy.dtype)
       dxs.append(jnp.dot(cols, kernel_t, preferred_element_type=jnp.float32
                          ).reshape(xs.shape).astype(x.dtype))
     part_dw = lax.dot_general(xs.reshape(-1, cin), cols, (((0,), (0,)), ((), ())),
