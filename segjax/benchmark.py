@@ -253,7 +253,10 @@ def _print_summary(report: dict[str, Any]) -> None:
 
 
 def main(argv):
+  from segjax.train import host_memory
   from segjax.models import layers
+  # Before the first computation starts JAX's CPU threads (host_memory's docstring).
+  retained = host_memory.configure(_HOST_MALLOC.value)
   config = _CONFIG.value
   if _STEPS.value < 5 and not _MEMORY_SIDE.value:
     print(f'note: --steps={_STEPS.value} < 5; the issue asks for at least 5 timed steps')
@@ -306,6 +309,7 @@ def main(argv):
             + f", ratio {m.get('ratio', float('nan')):.2f} (<= 1: segjax uses less)")
     report['command'] = ' '.join(['python -m segjax.benchmark', *sys.argv[1:]])
     report['conv_weight_grad'] = layers.resolve_conv_weight_grad(conv_grad)
+    report['host_malloc'] = {'flag': _HOST_MALLOC.value, 'retained': retained}
     report['wall_s'] = time.time() - start
   if _JSON.value:
     os.makedirs(os.path.dirname(os.path.abspath(_JSON.value)), exist_ok=True)
@@ -346,4 +350,10 @@ if __name__ == '__main__':
                                    'see segjax.models.layers.CONV_WEIGHT_GRADS (default: the config\'s, '
                                    'else \'auto\').')
   _JSON = flags.DEFINE_string('json', None, 'Write all results to this JSON file.')
+  _HOST_MALLOC = flags.DEFINE_enum(
+      'host_malloc', 'auto', ['auto', 'retain', 'system'],
+      "'retain': glibc malloc keeps freed memory for reuse (one arena, no mmap, no "
+      "trimming), so XLA CPU's per-step temporaries are not faulted in again every step; "
+      "applies to both sides of a comparison (one process). 'system': malloc as it is. "
+      "'auto': 'retain' where JAX can only run on the CPU (segjax/train/host_memory.py).")
   app.run(main)

@@ -668,7 +668,16 @@ def test_winograd_pays_only_for_wide_dense_stride_1_float32_3x3_convs():
   x = jnp.ones((2, 40, 40, 256))
   same = ((1, 1), ((1, 1), (1, 1)), (1, 1))
   assert layers.winograd_pays(x, jnp.ones((3, 3, 256, 256)), *same)
-  assert not layers.winograd_pays(x, jnp.ones((3, 3, 256, 128)), *same)     # narrow
+  # Narrower: from 64 x 64 channels, on at most WINOGRAD_NARROW_MAX_TILES 2x2 tiles.
+  assert layers.winograd_pays(x, jnp.ones((3, 3, 256, 128)), *same)         # 800 tiles
+  assert not layers.winograd_pays(x, jnp.ones((3, 3, 256, 8)), *same)       # too narrow
+  big = jax.ShapeDtypeStruct((2, 160, 160, 64), jnp.float32)                # 12800 tiles
+  assert not layers.winograd_pays(big, jnp.ones((3, 3, 64, 64)), *same)
+  assert layers.winograd_pays(big, jnp.ones((3, 3, 256, 256)), *same)       # wide: any map
+  edge = jax.ShapeDtypeStruct((2, 80, 80, 64), jnp.float32)                 # 3200 tiles
+  assert layers.winograd_pays(edge, jnp.ones((3, 3, 64, 64)), *same)
+  assert not layers.winograd_pays(edge, jnp.ones((3, 3, 64, 64)), (1, 1),   # 3362 tiles
+                                  ((2, 2), (2, 2)), (1, 1))
   assert not layers.winograd_pays(x, jnp.ones((1, 1, 256, 512)), (1, 1),    # 1x1
                                   ((0, 0), (0, 0)), (1, 1))
   assert not layers.winograd_pays(x, jnp.ones((3, 3, 256, 256)), (2, 2),    # strided
@@ -688,6 +697,30 @@ def test_tap_matmuls_pay_for_1x1_wide_and_mostly_padding_convs_only():
   assert pay((16, 3, 3, 32), 3, 32, 32, 1)             # 3x3 on 3x3: 0.4 padding
   assert not pay((2, 80, 80, 64), 3, 64, 64, 1)        # narrow 3x3: XLA's conv
   assert not pay((16, 48, 48, 3), 3, 3, 16, 1)
+
+
+def test_narrow_3x3_convs_are_winograd_only_where_not_differentiated():
+  """A 64->64 3x3 conv under 'tap_matmuls': Winograd's forward when evaluated (no XLA
+  conv, the plain conv's output), XLA's conv and gradients under jax.grad."""
+  x = jax.random.normal(jax.random.key(12), (2, 10, 10, 64))
+  with layers.conv_weight_grad('tap_matmuls'):
+    conv = layers.conv2d(64, 3, use_bias=False)
+    params = conv.init(jax.random.key(13), x)
+  apply = lambda p, x_: conv.apply(p, x_)  # noqa: E731
+  plain = lambda p, x_: layers._conv_nhwc(  # noqa: E731
+      x_, p['params']['kernel'], (1, 1), ((1, 1), (1, 1)), (1, 1))
+  assert layers.winograd_pays(x, params['params']['kernel'], (1, 1), ((1, 1), (1, 1)), (1, 1))
+  assert 'convolution' not in jax.jit(apply).lower(params, x).as_text()
+  np.testing.assert_allclose(jax.jit(apply)(params, x), plain(params, x), rtol=1e-5,
+                             atol=1e-5 * float(jnp.max(jnp.abs(plain(params, x)))))
+  loss = lambda f: lambda p, x_: jnp.sum(f(p, x_) ** 2)  # noqa: E731
+  grad = jax.jit(jax.grad(loss(apply), argnums=(0, 1)))
+  hlo = grad.lower(params, x).as_text()
+  assert hlo.count('convolution') == 3 and 'dot_general' not in hlo  # fwd, dx, dw: XLA's
+  got = grad(params, x)
+  want = jax.grad(loss(plain), argnums=(0, 1))(params, x)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
 
 
 def test_tap_matmuls_option_leaves_narrow_3x3_convs_to_xla():
