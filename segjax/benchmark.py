@@ -253,11 +253,13 @@ def _print_summary(report: dict[str, Any]) -> None:
 
 
 def main(argv):
-  from segjax.train import host_memory
+  from segjax.benchmarks import segjax_workloads
   from segjax.models import layers
+  from segjax.train import host_memory
   # Before the first computation starts JAX's CPU threads (host_memory's docstring).
-  retained = host_memory.configure(_HOST_MALLOC.value)
   config = _CONFIG.value
+  retained = host_memory.configure(
+      _HOST_MALLOC.value, instance_model=config is not None and segjax_workloads.is_instance(config))
   if _STEPS.value < 5 and not _MEMORY_SIDE.value:
     print(f'note: --steps={_STEPS.value} < 5; the issue asks for at least 5 timed steps')
   size = parse_size(_SIZE.value) if _SIZE.value else None
@@ -350,10 +352,8 @@ if __name__ == '__main__':
                                    'see segjax.models.layers.CONV_WEIGHT_GRADS (default: the config\'s, '
                                    'else \'auto\').')
   _JSON = flags.DEFINE_string('json', None, 'Write all results to this JSON file.')
+  from segjax.train import host_memory
   _HOST_MALLOC = flags.DEFINE_enum(
-      'host_malloc', 'auto', ['auto', 'retain', 'system'],
-      "'retain': glibc malloc keeps freed memory for reuse (one arena, no mmap, no "
-      "trimming), so XLA CPU's per-step temporaries are not faulted in again every step; "
-      "applies to both sides of a comparison (one process). 'system': malloc as it is. "
-      "'auto': 'retain' where JAX can only run on the CPU (segjax/train/host_memory.py).")
+      'host_malloc', 'auto', host_memory.MODES,
+      host_memory.FLAG_HELP + ' Applies to both sides of a comparison (one process).')
   app.run(main)

@@ -41,12 +41,8 @@ _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'HOST:PORT of process 0, the same for every process.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes in the run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, "This process's id, 0..num_processes-1.")
-_HOST_MALLOC = flags.DEFINE_enum(
-    'host_malloc', 'auto', ['auto', 'retain', 'system'],
-    "'retain': glibc malloc keeps freed memory for reuse, so XLA CPU's per-step "
-    "temporaries are not faulted in again every step (the process's RSS stays near its "
-    "peak); 'system': malloc as it is; 'auto': 'retain' where JAX can only run on the "
-    "CPU (segjax/train/host_memory.py).")
+_HOST_MALLOC = flags.DEFINE_enum('host_malloc', 'auto', host_memory.MODES,
+                                  host_memory.FLAG_HELP)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -120,7 +116,8 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   _check_workdir(_WORKDIR.value)
   # Before the first computation starts JAX's CPU threads (host_memory's docstring).
-  host_memory.configure(_HOST_MALLOC.value)
+  host_memory.configure(_HOST_MALLOC.value,
+                        instance_model=detection_trainer.is_instance_config(_CONFIG.value))
   # Before anything asks JAX for its devices: afterwards they are every process's.
   mode = _DISTRIBUTED.value or ('manual' if _COORDINATOR.value else 'off')
   try:

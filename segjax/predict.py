@@ -46,7 +46,7 @@ from PIL import Image, UnidentifiedImageError
 from segjax import config_validation, visualize
 from segjax.data import instance_pipeline, sources, transforms
 from segjax.evaluation import coco_eval
-from segjax.train import checkpoints, detection_trainer, steps, trainer
+from segjax.train import checkpoints, detection_trainer, host_memory, steps, trainer
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp')
 # Semantic inputs are padded to a multiple of this: the largest output stride of the
@@ -358,6 +358,9 @@ def _save(image: np.ndarray, output_dir: str, name: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Before the first computation starts JAX's CPU threads (host_memory's docstring).
+  host_memory.configure(_HOST_MALLOC.value,
+                        instance_model=detection_trainer.is_instance_config(_CONFIG.value))
   logging.set_verbosity(logging.WARNING)
   try:
     result = predict(_CONFIG.value, input_pattern=_INPUT.value, output_dir=_OUTPUT.value,
@@ -384,5 +387,7 @@ if __name__ == '__main__':
   _BATCH_SIZE = flags.DEFINE_integer('batch_size', 8, 'Images per compiled batch.')
   _SCORE_THRESHOLD = flags.DEFINE_float('score_threshold', 0.5, 'Instance models: detections '
                                         'drawn on the overlays (results.json keeps all).')
+  _HOST_MALLOC = flags.DEFINE_enum('host_malloc', 'auto', host_memory.MODES,
+                                   host_memory.FLAG_HELP)
   flags.mark_flags_as_required(['config', 'input', 'output'])
   app.run(main)

@@ -69,6 +69,7 @@ def test_host_malloc_mode_is_checked():
   with pytest.raises(ValueError, match=r"--host_malloc='keep'.*'auto', 'retain', 'system'"):
     host_memory.configure('keep')
   assert not host_memory.configure('system')
+  assert not host_memory.configure('auto', instance_model=True)  # Mask R-CNN: slower
 
 
 def test_auto_retains_only_where_jax_runs_on_the_cpu_alone(monkeypatch):

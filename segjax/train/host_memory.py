@@ -63,6 +63,12 @@ def release_free_heap() -> bool:
 
 
 MODES = ('auto', 'retain', 'system')
+# The command lines' --host_malloc flag (segjax.main, segjax.predict, segjax.benchmark).
+FLAG_HELP = ("'retain': glibc malloc keeps freed memory for reuse, so XLA CPU's per-step "
+             "temporaries are not mapped and faulted in again every step (the process's RSS "
+             "stays near its peak); 'system': malloc as it is; 'auto': 'retain' where JAX "
+             "can only run on the CPU and the model is a semantic one "
+             "(segjax/train/host_memory.py).")
 
 # mallopt parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -106,12 +112,16 @@ def retain_freed_memory() -> bool:
   return all(applied)
 
 
-def configure(mode: str) -> bool:
+def configure(mode: str, *, instance_model: bool = False) -> bool:
   """`--host_malloc`: 'retain' applies `retain_freed_memory`, 'system' leaves malloc
-  as it is, 'auto' retains when JAX can only run on the CPU (`cpu_only`). Returns
-  whether freed memory is retained now. Raises ValueError naming a bad mode."""
+  as it is, 'auto' retains when JAX can only run on the CPU (`cpu_only`) and the model
+  is not an instance model (`instance_model`): the Mask R-CNN train step measured
+  slower with it (torchvision / segjax 0.71 and 0.77 against 0.84 with the system's
+  malloc, 2026-12-05; cause not established, the one arena all of XLA's threads then
+  share is the suspect). Returns whether freed memory is retained now. Raises
+  ValueError naming a bad mode."""
   if mode not in MODES:
     raise ValueError(f'--host_malloc={mode!r} is not valid; choose one of {list(MODES)}')
-  if mode == 'system' or (mode == 'auto' and not cpu_only()):
+  if mode == 'system' or (mode == 'auto' and (instance_model or not cpu_only())):
     return False
   return retain_freed_memory()
