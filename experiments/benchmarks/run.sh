@@ -72,3 +72,16 @@ $B $VGG --mode=train --steps=5 --json=$R/fcn8s_vgg16_train_winograd_grads.json
 $B $FCN --mode=infer --batch_size=2 --image_size=320,320 --compare=torchvision --steps=7 --json=$R/fcn_resnet50_infer_s17.json
 # ... and the Mask R-CNN train row with every step from each side's initial state.
 $B $MRCNN --mode=train --same_state --json=$R/maskrcnn_train_same_state.json
+
+# 2026-12-05, session 18: narrow 3x3 convs by Winograd when not differentiated, and
+# --host_malloc (default 'auto': retained for semantic models on CPU; 'system' to compare).
+$B $FCN --mode=infer --batch_size=2 --image_size=320,320 --compare=torchvision --steps=9 --json=$R/fcn_resnet50_infer_host_malloc.json
+$B $FCN --mode=infer --batch_size=2 --image_size=320,320 --compare=torchvision --steps=9 --host_malloc=system --json=$R/fcn_resnet50_infer_system_malloc.json
+$B $FCN --mode=train $SEG --json=$R/fcn_resnet50_train_host_malloc.json
+$B $FCN --mode=train $SEG --host_malloc=system --json=$R/fcn_resnet50_train_system_malloc.json
+$B $DEEPLAB --mode=train $SEG --json=$R/deeplabv3_train_host_malloc.json
+$B $DEEPLAB --mode=infer --batch_size=2 --image_size=320,320 --compare=torchvision --steps=7 --json=$R/deeplabv3_infer_host_malloc.json
+$B $MRCNN --mode=train --same_state --host_malloc=retain --json=$R/maskrcnn_train_same_state_host_malloc.json   # run when 'auto' still retained for it
+$B $MRCNN --mode=train --same_state --host_malloc=retain --json=$R/maskrcnn_train_same_state_retain_2.json
+$B $MRCNN --mode=train --same_state --host_malloc=system --json=$R/maskrcnn_train_same_state_system_malloc.json
+$B $MRCNN --mode=infer --host_malloc=retain --json=$R/maskrcnn_infer_host_malloc.json

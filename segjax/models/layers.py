@@ -84,7 +84,9 @@ def torch_padding(kernel_size: int | Sequence[int],
 #   `SPARSE_TAP_FRACTION` of the dense products on padding), both gradients as per-tap
 #   matmuls over the valid windows (`conv_tap_matmuls`), and the forward too for 1x1
 #   kernels and the mostly-padding convs; XLA's conv and gradients elsewhere (narrow
-#   3x3 convs, where the per-tap slices and sums cost more than the matmuls save).
+#   3x3 convs, where the per-tap slices and sums cost more than the matmuls save; from
+#   64x64 channels on small maps their forward is Winograd's where it is not
+#   differentiated, `conv_winograd_undifferentiated`).
 #   The gradients of stride-1 kxk convs that are not mostly padding are two matmuls
 #   over the shifted windows of the padded output gradient instead
 #   (`conv_grads_from_output_windows`), and the wide dense 3x3 stride-1 float32 convs'
