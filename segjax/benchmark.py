@@ -33,10 +33,16 @@ Threads: XLA's CPU client uses one thread per core; torchvision gets
 
 from __future__ import annotations
 
+# Before the heavy imports: the command line may restart itself with glibc's malloc set to
+# keep freed memory (--host_malloc, segjax/train/host_memory.py).
+import sys
+if __name__ == '__main__':
+  from segjax.train import host_memory as _host_memory
+  _host_memory.configure_from_argv(sys.argv)
+
 import json
 import os
 import subprocess
-import sys
 import time
 from typing import Any
 
@@ -253,13 +259,10 @@ def _print_summary(report: dict[str, Any]) -> None:
 
 
 def main(argv):
-  from segjax.benchmarks import segjax_workloads
   from segjax.models import layers
   from segjax.train import host_memory
-  # Before the first computation starts JAX's CPU threads (host_memory's docstring).
   config = _CONFIG.value
-  retained = host_memory.configure(
-      _HOST_MALLOC.value, instance_model=config is not None and segjax_workloads.is_instance(config))
+  retained = host_memory.retained_by_environment()
   if _STEPS.value < 5 and not _MEMORY_SIDE.value:
     print(f'note: --steps={_STEPS.value} < 5; the issue asks for at least 5 timed steps')
   size = parse_size(_SIZE.value) if _SIZE.value else None

@@ -13,10 +13,16 @@ plus `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`, or
 (Cloud TPU pod slices, SLURM). `--workdir` must be one directory all of them see.
 """
 
+# Before the heavy imports: the command line may restart itself with glibc's malloc set to
+# keep freed memory (--host_malloc, segjax/train/host_memory.py).
+import sys
+if __name__ == '__main__':
+  from segjax.train import host_memory as _host_memory
+  _host_memory.configure_from_argv(sys.argv)
+
 import importlib.util
 import logging as std_logging
 import os
-import sys
 
 import jax
 from absl import app, flags, logging
@@ -115,9 +121,6 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   _check_workdir(_WORKDIR.value)
-  # Before the first computation starts JAX's CPU threads (host_memory's docstring).
-  host_memory.configure(_HOST_MALLOC.value,
-                        instance_model=detection_trainer.is_instance_config(_CONFIG.value))
   # Before anything asks JAX for its devices: afterwards they are every process's.
   mode = _DISTRIBUTED.value or ('manual' if _COORDINATOR.value else 'off')
   try:

@@ -30,6 +30,13 @@ resized as in training (`dataset.min_size` / `max_size`), padded to
 
 from __future__ import annotations
 
+# Before the heavy imports: the command line may restart itself with glibc's malloc set to
+# keep freed memory (--host_malloc, segjax/train/host_memory.py).
+import sys
+if __name__ == '__main__':
+  from segjax.train import host_memory as _host_memory
+  _host_memory.configure_from_argv(sys.argv)
+
 import dataclasses
 import glob
 import json
@@ -358,9 +365,6 @@ def _save(image: np.ndarray, output_dir: str, name: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  # Before the first computation starts JAX's CPU threads (host_memory's docstring).
-  host_memory.configure(_HOST_MALLOC.value,
-                        instance_model=detection_trainer.is_instance_config(_CONFIG.value))
   logging.set_verbosity(logging.WARNING)
   try:
     result = predict(_CONFIG.value, input_pattern=_INPUT.value, output_dir=_OUTPUT.value,

@@ -44,17 +44,25 @@ print(retained, *faults)
 '''
 
 
-@pytest.mark.parametrize('mode', ['retain', 'system'])
-def test_retained_memory_is_not_faulted_in_again(mode):
+@pytest.mark.parametrize('mode,inherited', [('retain', False), ('system', False),
+                                            ('system', True)])
+def test_retained_memory_is_not_faulted_in_again(mode, inherited):
   """A 200 MB block malloc'ed, written and freed four times (as XLA CPU does with a
   step's temporaries): with the system's malloc every cycle maps it afresh (~51k page
-  faults of 4 KiB); retained, only the first does."""
+  faults of 4 KiB); retained, only the first does. The process restarts itself with
+  the setting asked for, also when it inherited the other one (`inherited`)."""
   import subprocess
   import sys
   if host_memory._glibc() is None:
     pytest.skip('not glibc')
+  import os
+  env = dict(os.environ)
+  for key in host_memory.RETAIN_ENV:
+    env.pop(key, None)
+  if inherited:
+    env.update(host_memory.RETAIN_ENV)
   out = subprocess.run([sys.executable, '-c', _CYCLES, mode], capture_output=True,
-                       text=True, check=True).stdout.split()
+                       text=True, check=True, env=env).stdout.split()
   retained, faults = out[0] == 'True', [int(v) for v in out[1:]]
   pages = 200 * 2**20 // 4096
   assert retained == (mode == 'retain')
@@ -69,7 +77,10 @@ def test_host_malloc_mode_is_checked():
   with pytest.raises(ValueError, match=r"--host_malloc='keep'.*'auto', 'retain', 'system'"):
     host_memory.configure('keep')
   assert not host_memory.configure('system')
-  assert not host_memory.configure('auto', instance_model=True)  # Mask R-CNN: slower
+  assert host_memory.flag_value(['x', '--host_malloc', 'retain']) == 'retain'
+  assert host_memory.flag_value(['x', '--host_malloc=system', '--y=1']) == 'system'
+  assert host_memory.flag_value(['x']) == 'auto'
+  assert host_memory.configure_from_argv(['x', '--host_malloc=keep']) is None  # absl names it
 
 
 def test_auto_retains_only_where_jax_runs_on_the_cpu_alone(monkeypatch):

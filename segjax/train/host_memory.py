@@ -13,17 +13,18 @@ a fresh `mmap` and gives them back with `munmap`, so the kernel maps and zeroes 
 page again each step: 52k page faults and ~0.1 s of system time per inference step,
 470k and ~1 s per train step (measured 2026-12-05, `experiments/benchmarks/README.md`).
 
-`retain_freed_memory()` sets glibc's malloc (via `mallopt`) to keep freed memory: one
-arena (a worker thread's own arena maps a block larger than its 64 MB heaps whatever
-the mmap limit), no `mmap` for large blocks (they come from the heap), and no trimming
-of the heap's top below 2 GiB free (`mallopt` takes an int). Freed memory is then
-reused, not returned to the OS (`release_free_heap` still returns it when called). It
-must run before JAX's CPU backend starts its threads (before the first computation or
-device query): a thread that already allocated keeps its arena. The command lines call
-it at start-up (`--host_malloc`, `configure`); a program that imports segjax can call
-it first thing, or set `MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0
-MALLOC_TRIM_THRESHOLD_=4294967296` in the environment (the same settings, read by glibc
-when the process starts).
+With `MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=4294967296` in the
+environment when the process starts (`RETAIN_ENV`), glibc's malloc keeps freed memory
+instead: one arena (a worker thread's own arena maps a block larger than its 64 MB heaps
+whatever the mmap limit), no `mmap` for large blocks (they come from the heap), no
+trimming of the heap's top below 4 GiB free. Freed memory is then reused, not returned
+to the OS (`release_free_heap` still returns it when called), and a step faults nothing
+in. Set with `mallopt` inside a running process instead, it took effect only in part
+(threads that had allocated kept their own arenas) and the Mask R-CNN train step got
+slower (0.71-0.77x torchvision's against 0.84x), while from the environment it ran at
+1.07x. So the command lines (`segjax.main`, `segjax.predict`, `segjax.benchmark`,
+`--host_malloc`) re-execute themselves with `RETAIN_ENV` at start-up (`configure`), before
+their heavy imports; a program that imports segjax sets the variables when it starts.
 """
 
 from __future__ import annotations
@@ -33,8 +34,7 @@ import ctypes.util
 import functools
 import importlib.util
 import os
-
-import jax
+import sys
 
 
 @functools.cache
@@ -67,14 +67,11 @@ MODES = ('auto', 'retain', 'system')
 FLAG_HELP = ("'retain': glibc malloc keeps freed memory for reuse, so XLA CPU's per-step "
              "temporaries are not mapped and faulted in again every step (the process's RSS "
              "stays near its peak); 'system': malloc as it is; 'auto': 'retain' where JAX "
-             "can only run on the CPU and the model is a semantic one "
-             "(segjax/train/host_memory.py).")
+             "can only run on the CPU (segjax/train/host_memory.py).")
 
-# mallopt parameters (glibc's malloc.h).
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_MAX = -4
-_M_ARENA_MAX = -8
-_INT_MAX = 2**31 - 1
+# glibc's malloc settings, read when a process starts (the tunables' environment aliases).
+RETAIN_ENV = {'MALLOC_ARENA_MAX': '1', 'MALLOC_MMAP_MAX_': '0',
+              'MALLOC_TRIM_THRESHOLD_': str(4 * 2**30)}
 
 # Packages whose presence means JAX may run on an accelerator, where the host's
 # buffers are small and a single malloc arena could slow multithreaded input code.
@@ -88,7 +85,9 @@ def cpu_only(platforms: str | None = None) -> bool:
   `jax_platforms` setting or $JAX_PLATFORMS) names 'cpu' first, or is empty and no
   accelerator plugin is installed. Does not start a backend."""
   if platforms is None:
-    platforms = jax.config.jax_platforms or os.environ.get('JAX_PLATFORMS', '')
+    jax = sys.modules.get('jax')  # not imported here: the command lines call this first
+    platforms = ((jax.config.jax_platforms if jax is not None else None)
+                 or os.environ.get('JAX_PLATFORMS', ''))
   if platforms:
     return platforms.split(',')[0].strip().lower() == 'cpu'
   for name in _ACCELERATOR_PLUGINS:
@@ -100,28 +99,46 @@ def cpu_only(platforms: str | None = None) -> bool:
   return True
 
 
-def retain_freed_memory() -> bool:
-  """Makes glibc's malloc keep freed memory for reuse (see the module docstring).
-  Returns whether it was applied (False where the C library is not glibc)."""
-  libc = _glibc()
-  if libc is None:
-    return False
-  applied = [libc.mallopt(ctypes.c_int(param), ctypes.c_int(value)) == 1
-             for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0),
-                                  (_M_TRIM_THRESHOLD, _INT_MAX))]
-  return all(applied)
+def retained_by_environment() -> bool:
+  """Whether this process started with `RETAIN_ENV` (on glibc)."""
+  return _glibc() is not None and all(os.environ.get(k) == v for k, v in RETAIN_ENV.items())
 
 
-def configure(mode: str, *, instance_model: bool = False) -> bool:
-  """`--host_malloc`: 'retain' applies `retain_freed_memory`, 'system' leaves malloc
-  as it is, 'auto' retains when JAX can only run on the CPU (`cpu_only`) and the model
-  is not an instance model (`instance_model`): the Mask R-CNN train step measured
-  slower with it (torchvision / segjax 0.71 and 0.77 against 0.84 with the system's
-  malloc, 2026-12-05; cause not established, the one arena all of XLA's threads then
-  share is the suspect). Returns whether freed memory is retained now. Raises
-  ValueError naming a bad mode."""
+def flag_value(argv: list[str]) -> str:
+  """--host_malloc's value in `argv` ('auto' when absent), read before absl parses it."""
+  for i, arg in enumerate(argv[1:], 1):
+    if arg.startswith('--host_malloc='):
+      return arg.split('=', 1)[1]
+    if arg == '--host_malloc' and i + 1 < len(argv):
+      return argv[i + 1]
+  return 'auto'
+
+
+def configure_from_argv(argv: list[str]) -> bool | None:
+  """`configure` with --host_malloc's value in `argv`, first thing in a command line;
+  None, and nothing done, for a bad value (absl's flag parsing then names it)."""
+  mode = flag_value(argv)
+  return configure(mode) if mode in MODES else None
+
+
+def configure(mode: str) -> bool:
+  """`--host_malloc`: 'retain' makes the process keep freed memory (module docstring),
+  'system' leaves malloc as it is, 'auto' retains where JAX can only run on the CPU
+  (`cpu_only`). A process that did not start with the setting asked for re-executes
+  itself (`os.execv` of `sys.orig_argv`: same pid, same arguments) with `RETAIN_ENV` set
+  or removed, so call this first thing. Returns whether freed memory is retained.
+  Raises ValueError naming a bad mode."""
   if mode not in MODES:
     raise ValueError(f'--host_malloc={mode!r} is not valid; choose one of {list(MODES)}')
-  if mode == 'system' or (mode == 'auto' and (instance_model or not cpu_only())):
-    return False
-  return retain_freed_memory()
+  retain = _glibc() is not None and (mode == 'retain' or (mode == 'auto' and cpu_only()))
+  if retain == retained_by_environment():
+    return retain
+  # Started with the other setting (e.g. inherited from a parent): restart with this one.
+  if retain:
+    os.environ.update(RETAIN_ENV)
+  else:
+    for key in RETAIN_ENV:
+      os.environ.pop(key, None)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execv(sys.executable, sys.orig_argv)
