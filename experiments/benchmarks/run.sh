@@ -74,14 +74,23 @@ $B $FCN --mode=infer --batch_size=2 --image_size=320,320 --compare=torchvision -
 $B $MRCNN --mode=train --same_state --json=$R/maskrcnn_train_same_state.json
 
 # 2026-12-05, session 18: narrow 3x3 convs by Winograd when not differentiated, and
-# --host_malloc (default 'auto': retained for semantic models on CPU; 'system' to compare).
+# --host_malloc (first version: mallopt in the process, 'auto' = semantic models on CPU;
+# 'system' to compare).
 $B $FCN --mode=infer --batch_size=2 --image_size=320,320 --compare=torchvision --steps=9 --json=$R/fcn_resnet50_infer_host_malloc.json
 $B $FCN --mode=infer --batch_size=2 --image_size=320,320 --compare=torchvision --steps=9 --host_malloc=system --json=$R/fcn_resnet50_infer_system_malloc.json
 $B $FCN --mode=train $SEG --json=$R/fcn_resnet50_train_host_malloc.json
 $B $FCN --mode=train $SEG --host_malloc=system --json=$R/fcn_resnet50_train_system_malloc.json
 $B $DEEPLAB --mode=train $SEG --json=$R/deeplabv3_train_host_malloc.json
 $B $DEEPLAB --mode=infer --batch_size=2 --image_size=320,320 --compare=torchvision --steps=7 --json=$R/deeplabv3_infer_host_malloc.json
-$B $MRCNN --mode=train --same_state --host_malloc=retain --json=$R/maskrcnn_train_same_state_host_malloc.json   # run when 'auto' still retained for it
+$B $MRCNN --mode=train --same_state --host_malloc=retain --json=$R/maskrcnn_train_same_state_host_malloc.json   # first version (mallopt in the process)
 $B $MRCNN --mode=train --same_state --host_malloc=retain --json=$R/maskrcnn_train_same_state_retain_2.json
 $B $MRCNN --mode=train --same_state --host_malloc=system --json=$R/maskrcnn_train_same_state_system_malloc.json
 $B $MRCNN --mode=infer --host_malloc=retain --json=$R/maskrcnn_infer_host_malloc.json
+# The same settings from the environment: run as
+#   MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=4294967296 $B $MRCNN --mode=train --same_state --host_malloc=system
+# with the first version; with the current code (which restarts itself with them, and
+# without them for 'system') that is:
+$B $MRCNN --mode=train --same_state --host_malloc=retain --json=$R/maskrcnn_train_same_state_env_retain.json
+MALLOC_ARENA_MAX=1 $B $MRCNN --mode=train --same_state --host_malloc=system --json=$R/maskrcnn_train_same_state_env_arena1.json
+$B $FCN --mode=infer --batch_size=2 --image_size=320,320 --steps=3 --memory_side=segjax
+$B $FCN --mode=infer --batch_size=2 --image_size=320,320 --steps=3 --memory_side=torchvision
