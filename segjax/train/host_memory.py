@@ -39,10 +39,11 @@ import sys
 
 @functools.cache
 def _glibc():
-  """The C library where it is glibc (it has `mallopt` and `malloc_trim`), else None."""
+  """The C library where it is glibc (it has `malloc_trim` and reads `RETAIN_ENV`),
+  else None."""
   try:
     libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
-    libc.gnu_get_libc_version, libc.mallopt, libc.malloc_trim  # not musl, not macOS
+    libc.gnu_get_libc_version, libc.malloc_trim  # not musl, not macOS
   except (OSError, AttributeError):
     return None
   return libc
