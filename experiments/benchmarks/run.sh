@@ -94,3 +94,4 @@ $B $MRCNN --mode=train --same_state --host_malloc=retain --json=$R/maskrcnn_trai
 MALLOC_ARENA_MAX=1 $B $MRCNN --mode=train --same_state --host_malloc=system --json=$R/maskrcnn_train_same_state_env_arena1.json
 $B $FCN --mode=infer --batch_size=2 --image_size=320,320 --steps=3 --memory_side=segjax
 $B $FCN --mode=infer --batch_size=2 --image_size=320,320 --steps=3 --memory_side=torchvision
+$B $FCN --mode=infer --batch_size=2 --image_size=320,320 --compare=torchvision --steps=9 --json=$R/fcn_resnet50_infer_host_malloc_env.json   # final code
