@@ -36,9 +36,11 @@ from __future__ import annotations
 # Before the heavy imports: the command line may restart itself with glibc's malloc set to
 # keep freed memory (--host_malloc, segjax/train/host_memory.py).
 import sys
+
+from segjax.train import host_memory  # no JAX import: the restart comes first
+
 if __name__ == '__main__':
-  from segjax.train import host_memory as _host_memory
-  _host_memory.configure_from_argv(sys.argv)
+  host_memory.configure_from_argv(sys.argv)
 
 import json
 import os
@@ -186,7 +188,6 @@ def memory_side(config, side: str, *, mode: str, batch_size: int | None,
   """Peak RSS of one side's steps minus the RSS after imports (this process only)."""
   import jax
   from segjax.benchmarks import measure, segjax_workloads
-  from segjax.train import host_memory
   if side == 'torchvision':
     import torch  # noqa: F401
     import torchvision  # noqa: F401
@@ -260,7 +261,6 @@ def _print_summary(report: dict[str, Any]) -> None:
 
 def main(argv):
   from segjax.models import layers
-  from segjax.train import host_memory
   config = _CONFIG.value
   retained = host_memory.retained_by_environment()
   if _STEPS.value < 5 and not _MEMORY_SIDE.value:
@@ -355,7 +355,6 @@ if __name__ == '__main__':
                                    'see segjax.models.layers.CONV_WEIGHT_GRADS (default: the config\'s, '
                                    'else \'auto\').')
   _JSON = flags.DEFINE_string('json', None, 'Write all results to this JSON file.')
-  from segjax.train import host_memory
   _HOST_MALLOC = flags.DEFINE_enum(
       'host_malloc', 'auto', host_memory.MODES,
       host_memory.FLAG_HELP + ' Applies to both sides of a comparison (one process).')

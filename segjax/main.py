@@ -16,9 +16,11 @@ plus `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`, or
 # Before the heavy imports: the command line may restart itself with glibc's malloc set to
 # keep freed memory (--host_malloc, segjax/train/host_memory.py).
 import sys
+
+from segjax.train import host_memory  # no JAX import: the restart comes first
+
 if __name__ == '__main__':
-  from segjax.train import host_memory as _host_memory
-  _host_memory.configure_from_argv(sys.argv)
+  host_memory.configure_from_argv(sys.argv)
 
 import importlib.util
 import logging as std_logging
@@ -29,7 +31,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from segjax import distributed
-from segjax.train import host_memory
 from segjax import config_validation
 from segjax.train import checkpoints, detection_trainer, loop, trainer
 

@@ -33,9 +33,11 @@ from __future__ import annotations
 # Before the heavy imports: the command line may restart itself with glibc's malloc set to
 # keep freed memory (--host_malloc, segjax/train/host_memory.py).
 import sys
+
+from segjax.train import host_memory  # no JAX import: the restart comes first
+
 if __name__ == '__main__':
-  from segjax.train import host_memory as _host_memory
-  _host_memory.configure_from_argv(sys.argv)
+  host_memory.configure_from_argv(sys.argv)
 
 import dataclasses
 import glob
@@ -53,7 +55,7 @@ from PIL import Image, UnidentifiedImageError
 from segjax import config_validation, visualize
 from segjax.data import instance_pipeline, sources, transforms
 from segjax.evaluation import coco_eval
-from segjax.train import checkpoints, detection_trainer, host_memory, steps, trainer
+from segjax.train import checkpoints, detection_trainer, steps, trainer
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp')
 # Semantic inputs are padded to a multiple of this: the largest output stride of the

@@ -1,5 +1,9 @@
 """segjax.train.host_memory: freed heap pages go back to the OS, or stay for reuse."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -51,11 +55,8 @@ def test_retained_memory_is_not_faulted_in_again(mode, inherited):
   step's temporaries): with the system's malloc every cycle maps it afresh (~51k page
   faults of 4 KiB); retained, only the first does. The process restarts itself with
   the setting asked for, also when it inherited the other one (`inherited`)."""
-  import subprocess
-  import sys
   if host_memory._glibc() is None:
     pytest.skip('not glibc')
-  import os
   env = dict(os.environ)
   for key in host_memory.RETAIN_ENV:
     env.pop(key, None)
