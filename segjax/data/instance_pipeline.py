@@ -189,13 +189,13 @@ class PadInstances(grain.transforms.Map):
   def __init__(self, pad_size, max_instances: int, pad_value):
     self.pad_size = transforms._pair(pad_size, 'pad_size')  # pylint: disable=protected-access
     self.max_instances = int(max_instances)
-    self.pad_value = np.asarray(pad_value, np.float32)
+    self.pad_value = transforms.ChannelTiles(
+        transforms._triple(pad_value, 'pad_value'))  # pylint: disable=protected-access
 
   def map(self, element: dict) -> dict:
     ph, pw = self.pad_size
     m = self.max_instances
-    image = np.empty((ph, pw, 3), np.float32)
-    image[...] = self.pad_value
+    image = self.pad_value(ph, pw).copy()
     out = {'image': image, 'image_size': np.asarray([ph, pw], np.int32),
            'gt_boxes': np.zeros((m, 4), np.float32), 'gt_labels': np.zeros((m,), np.int32),
            'gt_valid': np.zeros((m,), bool), 'gt_masks': np.zeros((m, ph, pw), np.uint8),

@@ -46,6 +46,34 @@ def _triple(value, what: str) -> np.ndarray:
   return arr
 
 
+class ChannelTiles:
+  """A per-channel constant ([3], float32) repeated to whole [H, W, 3] arrays, kept
+  per (H, W).
+
+  numpy runs an element-wise op between an [H, W, 3] image and a broadcast [3] in
+  inner loops of 3 elements: on a 64x64 crop, 15-20x slower than against a whole
+  array (31 vs 1.7 us measured for a subtraction). The values are the same either way.
+  Train crops and eval pads have one size, so the cache holds one or two entries; it
+  is cleared past `max_sizes` (images of many sizes, e.g. predict).
+  """
+
+  def __init__(self, values: np.ndarray, max_sizes: int = 8):
+    self.values = values
+    self._max_sizes = max_sizes
+    self._tiles: dict[tuple[int, int], np.ndarray] = {}
+
+  def __call__(self, height: int, width: int) -> np.ndarray:
+    """Read-only float32 [height, width, 3]."""
+    tile = self._tiles.get((height, width))
+    if tile is None:
+      if len(self._tiles) >= self._max_sizes:
+        self._tiles.clear()
+      tile = np.tile(self.values, (height, width, 1))
+      tile.flags.writeable = False
+      self._tiles[(height, width)] = tile
+    return tile
+
+
 def check_image_and_label(image, label) -> None:
   """Raises ValueError unless image is uint8 [H, W, 3] and label [H, W] (or [H, W, 1])."""
   if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[-1] != 3:
@@ -187,7 +215,10 @@ class ColorJitter(grain.transforms.RandomMap):
     x -= mean
     x *= c
     x += mean
-    gray = (x @ _LUMA)[..., None]
+    # The gray image repeated to 3 channels: against a broadcast [H, W, 1], numpy's
+    # inner loops would be 1 pixel long (see ChannelTiles).
+    gray = x @ _LUMA
+    gray = np.stack((gray, gray, gray), axis=-1)
     x -= gray
     x *= sat
     x += gray
@@ -208,7 +239,7 @@ class RandomCrop(grain.transforms.RandomMap):
       ignore_label: int = 255,
   ):
     self.crop_size = _pair(crop_size, 'crop_size')
-    self.pad_value = _triple(pad_value, 'pad_value')
+    self.pad_value = ChannelTiles(_triple(pad_value, 'pad_value'))
     self.ignore_label = int(ignore_label)
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
@@ -257,7 +288,7 @@ class PadToSize(grain.transforms.Map):
       ignore_label: int = 255,
   ):
     self.pad_size = _pair(pad_size, 'eval_pad_size')
-    self.pad_value = _triple(pad_value, 'pad_value')
+    self.pad_value = ChannelTiles(_triple(pad_value, 'pad_value'))
     self.ignore_label = int(ignore_label)
 
   def map(self, element: dict) -> dict:
@@ -281,14 +312,14 @@ class PadToSize(grain.transforms.Map):
 
 
 def _paste_top_left(image: np.ndarray, label: np.ndarray, size: tuple[int, int],
-                    pad_value: np.ndarray, ignore_label: int) -> tuple[np.ndarray, np.ndarray]:
+                    pad_value: ChannelTiles,
+                    ignore_label: int) -> tuple[np.ndarray, np.ndarray]:
   """[h, w, 3] image and [h, w] label (h, w <= size) -> float32 [H, W, 3] and int32
   [H, W], filled with `pad_value` / `ignore_label` beyond the bottom-right edge."""
   h, w = label.shape
   if (h, w) == tuple(size):  # nothing to pad: one converting copy each
     return image.astype(np.float32), label.astype(np.int32)
-  out_image = np.empty(tuple(size) + (3,), np.float32)
-  out_image[...] = pad_value
+  out_image = pad_value(*size).copy()
   out_label = np.full(tuple(size), ignore_label, np.int32)
   out_image[:h, :w] = image
   out_label[:h, :w] = label
@@ -299,13 +330,16 @@ class Normalize(grain.transforms.Map):
   """image -> float32 (image - mean) / std, with mean, std in 0..255 units."""
 
   def __init__(self, mean: Sequence[float], std: Sequence[float]):
-    self.mean = _triple(mean, 'mean')
-    self.std = _triple(std, 'std')
-    if np.any(self.std <= 0):
+    self.mean = ChannelTiles(_triple(mean, 'mean'))
+    self.std = ChannelTiles(_triple(std, 'std'))
+    if np.any(self.std.values <= 0):
       raise ValueError(f'std must be positive, got {std!r}.')
 
   def map(self, element: dict) -> dict:
     image = element['image'].astype(np.float32)  # a copy, even of a float32 input
-    image -= self.mean
-    image /= self.std
+    if image.ndim != 3 or image.shape[-1] != 3:
+      raise ValueError(f'Normalize expects an image [H, W, 3], got shape {image.shape}.')
+    h, w = image.shape[:2]
+    image -= self.mean(h, w)
+    image /= self.std(h, w)
     return {**element, 'image': image}
