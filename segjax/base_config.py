@@ -307,6 +307,7 @@ def _voc_data(config: ml_collections.ConfigDict) -> None:
   # torchvision's ImageNet normalisation, which the imported backbones expect.
   config.dataset.mean = (123.675, 116.28, 103.53)
   config.dataset.std = (58.395, 57.12, 57.375)
+  config.dataset.prefetch = 16  # JPEGs decode in reader threads (pipeline.py)
 
 
 def _voc_dataset(config: ml_collections.ConfigDict, crop: int) -> None:
@@ -337,6 +338,7 @@ def _cityscapes_training(config: ml_collections.ConfigDict) -> None:
   d.hflip = True
   d.mean = (123.675, 116.28, 103.53)
   d.std = (58.395, 57.12, 57.375)
+  d.prefetch = 16  # full-size PNGs decode in reader threads (pipeline.py)
   o = config.optimizer
   o.name, o.schedule, o.power = 'sgd', 'poly', 0.9
   o.learning_rate, o.momentum, o.weight_decay, o.warmup_steps = 0.01, 0.9, 5e-4, 0

@@ -119,6 +119,55 @@ def test_color_jitter_range():
   assert not np.allclose(out['image'], image)
 
 
+def test_color_jitter_is_brightness_contrast_saturation_in_float64():
+  image = np.random.default_rng(0).integers(0, 256, (9, 7, 3), dtype=np.uint8)
+  out = transforms.ColorJitter(0.4).random_map(
+      {'image': image, 'label': np.zeros((9, 7), np.int32)}, np.random.default_rng(5))
+  b, c, s = np.random.default_rng(5).uniform(0.6, 1.4, size=3)
+  luma = np.asarray([0.299, 0.587, 0.114])
+  x = image.astype(np.float64) * b
+  mean = (x @ luma).mean()
+  x = (x - mean) * c + mean
+  gray = (x @ luma)[..., None]
+  x = np.clip(gray + (x - gray) * s, 0, 255)
+  np.testing.assert_allclose(out['image'], x, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize('size', [(5, 4), (64, 48), (3, 9)])
+def test_normalize_equals_the_broadcast_formula_for_every_size(size):
+  norm = transforms.Normalize((127.7, 126.9, 128.2), (57.9, 57.6, 58.1))
+  norm.mean._max_sizes = norm.std._max_sizes = 2  # pylint: disable=protected-access
+  rng = np.random.default_rng(0)
+  for h, w in (size, (8, 8), (2, 3), size):  # more sizes than the cache keeps
+    image = rng.integers(0, 256, (h, w, 3)).astype(np.float32)
+    out = norm.map({'image': image})['image']
+    mean = np.asarray((127.7, 126.9, 128.2), np.float32)
+    std = np.asarray((57.9, 57.6, 58.1), np.float32)
+    np.testing.assert_array_equal(out, (image - mean) / std)
+  with pytest.raises(ValueError, match=r'expects an image \[H, W, 3\], got shape \(2, 4, 4, 3\)'):
+    norm.map({'image': np.zeros((2, 4, 4, 3), np.float32)})
+
+
+def test_padding_tiles_stay_the_pad_value_after_padded_outputs_are_written():
+  crop = transforms.RandomCrop((6, 5), pad_value=(1.0, 2.0, 3.0), ignore_label=255)
+  small = {'image': np.full((2, 2, 3), 9, np.uint8), 'label': np.zeros((2, 2), np.int32)}
+  first = crop.random_map(small, np.random.default_rng(0))['image']
+  first[...] = -1  # outputs are the caller's to change
+  second = crop.random_map(small, np.random.default_rng(0))['image']
+  np.testing.assert_array_equal(second[:2, :2], 9)
+  np.testing.assert_array_equal(second[2:], np.broadcast_to([1.0, 2.0, 3.0], (4, 5, 3)))
+  np.testing.assert_array_equal(second[:, 2:], np.broadcast_to([1.0, 2.0, 3.0], (6, 3, 3)))
+
+
+def test_read_threads_do_not_change_the_batches(config):
+  def batches(prefetch):
+    config.prefetch = prefetch
+    return _take(pipeline.create_train_loader(
+        config, global_batch_size=4, seed=3, process_index=0, process_count=1), 4)
+
+  _assert_batches_equal(batches(0), batches(16))
+
+
 def test_eval_padding_and_valid_mask(config, eval_records):
   config.eval_pad_size = (80, 72)
   batches = _take(pipeline.create_eval_loader(
