@@ -95,3 +95,10 @@ MALLOC_ARENA_MAX=1 $B $MRCNN --mode=train --same_state --host_malloc=system --js
 $B $FCN --mode=infer --batch_size=2 --image_size=320,320 --steps=3 --memory_side=segjax
 $B $FCN --mode=infer --batch_size=2 --image_size=320,320 --steps=3 --memory_side=torchvision
 $B $FCN --mode=infer --batch_size=2 --image_size=320,320 --compare=torchvision --steps=9 --json=$R/fcn_resnet50_infer_host_malloc_env.json   # final code
+# Input pipeline in one thread, tfds decoding with OpenCV (2026-12-06, session 19):
+# the default (dataset.prefetch=0), the former default's 16 reader threads, the default
+# again, and 2 worker processes.
+$B --workload=pipeline --config=configs/fcn8s.py --steps=200 --compare=train_step --json=$R/pipeline_fcn8s_default_1_s19.json
+$B --workload=pipeline --config=configs/fcn8s.py --steps=200 --compare=train_step --config.dataset.prefetch=16 --json=$R/pipeline_fcn8s_prefetch16_s19.json
+$B --workload=pipeline --config=configs/fcn8s.py --steps=200 --compare=train_step --json=$R/pipeline_fcn8s_default_2_s19.json
+$B --workload=pipeline --config=configs/fcn8s.py --steps=200 --compare=train_step --config.dataset.num_workers=2 --json=$R/pipeline_fcn8s_workers2_s19.json

@@ -80,10 +80,11 @@ def default_dataset_config() -> ml_collections.ConfigDict:
   c.std = (57.9, 57.6, 58.1)
   c.num_workers = 0  # 0: transforms run in the calling process.
   # Records read ahead by up to 4 grain reader threads; 0: read in the calling thread.
-  # digit_scenes' records (two 64x64 PNGs) decode in ~0.3 ms, mostly Python holding
-  # the GIL, and threads only contend for it: 0 gave 1155-1214 img/s against 871 with
+  # digit_scenes' records (two 64x64 PNGs) decode in ~0.25 ms, mostly Python holding
+  # the GIL, and threads only contend for it: 0 gave 1382-1461 img/s against 1074 with
   # 16 (fcn8s preset, 2 cores). Full-size JPEGs decode with the GIL released, and the
-  # VOC/Cityscapes presets set 16 (137-145 against 112-114 img/s at 512x512 crops).
+  # VOC/Cityscapes presets set 16 (134-147 against 108-114 img/s at 512x512 crops).
+  # experiments/benchmarks/README.md, "Input pipeline in one thread".
   c.prefetch = 0
   return c
 
