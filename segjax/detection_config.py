@@ -104,6 +104,7 @@ def detection_config(name: str, preset: str | None) -> ml_collections.ConfigDict
     d.hflip = True
     d.mean = (123.675, 116.28, 103.53)  # torchvision's ImageNet normalisation
     d.std = (58.395, 57.12, 57.375)
+    d.prefetch = 16  # JPEGs decode in reader threads (instance_pipeline.py)
     o.name = 'sgd'
     o.learning_rate = 0.02
     o.momentum = 0.9

@@ -304,3 +304,12 @@ def test_image_larger_than_pad_size_raises_in_the_loader(config):
   loader = ip.create_eval_loader(config, global_batch_size=2, process_index=0, process_count=1)
   with pytest.raises(ValueError, match=r'64x64.*pad_size=\(48, 64\)'):
     next(iter(loader))
+
+
+def test_read_threads_do_not_change_the_batches(config):
+  def batches(prefetch):
+    config.prefetch = prefetch
+    return _take(ip.create_train_loader(
+        config, global_batch_size=2, seed=4, process_index=0, process_count=1), 3)
+
+  _assert_batches_equal(batches(0), batches(16))

@@ -69,7 +69,10 @@ def default_instance_dataset_config() -> ml_collections.ConfigDict:
   c.mean = (127.7, 126.9, 128.2)
   c.std = (57.9, 57.6, 58.1)
   c.num_workers = 0
-  c.prefetch = 16
+  # 0: records read in the calling thread, faster for digit_scenes' small records
+  # (1516-1627 against 932-1125 img/s with 16; see pipeline.default_dataset_config).
+  # The COCO preset reads full-size JPEGs in 16-record reader threads.
+  c.prefetch = 0
   return c
 
 
