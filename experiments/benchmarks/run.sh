@@ -102,3 +102,8 @@ $B --workload=pipeline --config=configs/fcn8s.py --steps=200 --compare=train_ste
 $B --workload=pipeline --config=configs/fcn8s.py --steps=200 --compare=train_step --config.dataset.prefetch=16 --json=$R/pipeline_fcn8s_prefetch16_s19.json
 $B --workload=pipeline --config=configs/fcn8s.py --steps=200 --compare=train_step --json=$R/pipeline_fcn8s_default_2_s19.json
 $B --workload=pipeline --config=configs/fcn8s.py --steps=200 --compare=train_step --config.dataset.num_workers=2 --json=$R/pipeline_fcn8s_workers2_s19.json
+# Rows rechecked in session 19 (same commands as above, new JSON names).
+$B $FCN --mode=infer --batch_size=2 --image_size=320,320 --compare=torchvision --steps=9 --json=$R/fcn_resnet50_infer_s19.json
+$B $FCN --mode=train $SEG --json=$R/fcn_resnet50_train_s19.json
+$B $DEEPLAB --mode=train $SEG --json=$R/deeplabv3_train_s19.json
+$B --workload=roi_align --compare=torchvision --steps=7 --json=$R/roi_align_s19.json

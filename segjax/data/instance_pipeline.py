@@ -192,8 +192,7 @@ class PadInstances(grain.transforms.Map):
   def __init__(self, pad_size, max_instances: int, pad_value):
     self.pad_size = transforms._pair(pad_size, 'pad_size')  # pylint: disable=protected-access
     self.max_instances = int(max_instances)
-    self.pad_value = transforms.ChannelTiles(
-        transforms._triple(pad_value, 'pad_value'))  # pylint: disable=protected-access
+    self.pad_value = transforms.ChannelTiles(pad_value, 'pad_value')
 
   def map(self, element: dict) -> dict:
     ph, pw = self.pad_size
