@@ -107,3 +107,8 @@ $B $FCN --mode=infer --batch_size=2 --image_size=320,320 --compare=torchvision -
 $B $FCN --mode=train $SEG --json=$R/fcn_resnet50_train_s19.json
 $B $DEEPLAB --mode=train $SEG --json=$R/deeplabv3_train_s19.json
 $B --workload=roi_align --compare=torchvision --steps=7 --json=$R/roi_align_s19.json
+# The input pipeline on full-size JPEGs: a synthetic VOC-sized build, then 16 and 0 reader threads.
+python experiments/benchmarks/voc_sized.py /tmp/voc_sized
+for rep in 1 2; do for p in 16 0; do
+  $B --workload=pipeline --config=configs/fcn8s.py:voc --config.dataset.name=voc_segmentation --config.dataset.train_split=train --config.dataset.data_dir=/tmp/voc_sized/tfds --batch_size=8 --steps=20 --config.dataset.prefetch=$p --json=$R/pipeline_voc_sized_prefetch${p}_${rep}_s19.json
+done; done
