@@ -206,15 +206,17 @@ def test_auto_impl_weighs_map_size_on_cpu():
     pytest.skip('the cost rule is the CPU one')
   resolve = roi_align_lib.resolve_impl
   # Per box and channel, 7x7 bins, 2x2 samples: 'gather' reads 49 * 4 * 4 = 784
-  # neighbours (x 64 = 50,176). 'matmul' on a 64x64 map: 7*64*64 + 49*64 = 31,808.
-  assert resolve('auto', (2, 2), (7, 7), [(64, 64)]) == 'matmul'
-  # 96x96: 7*96*96 + 49*96 = 69,216 > 50,176.
-  assert resolve('auto', (2, 2), (7, 7), [(96, 96)]) == 'gather'
+  # neighbours (x 8 = 6,272). 'matmul' on a 64x64 map: 7*64*64 + 49*64 = 31,808.
+  assert resolve('auto', (2, 2), (7, 7), [(64, 64)]) == 'gather'
+  # 4x4 samples: 3,136 reads (x 8 = 25,088), still below the matmuls.
+  assert resolve('auto', (4, 4), (7, 7), [(64, 64)]) == 'gather'
+  # A 16x16 map: 7*16*16 + 49*16 = 2,576 < 6,272.
+  assert resolve('auto', (2, 2), (7, 7), [(16, 16)]) == 'matmul'
   # FPN levels of a 512x512 image: 7 * 21,760 + 49 * 240 = 164,080, every box on every level.
   assert resolve('auto', (2, 2), (7, 7), [(128, 128), (64, 64), (32, 32), (16, 16)]) == 'gather'
   # The levels of a 64x64 image: 7 * 340 + 49 * 30 = 3,850.
   assert resolve('auto', (2, 2), (7, 7), [(16, 16), (8, 8), (4, 4), (2, 2)]) == 'matmul'
-  # Adaptive sampling on 64x64 (10x10 samples): 49 * 400 * 64 reads outweigh the matmuls.
+  # Adaptive sampling on 64x64 (10x10 samples): 49 * 400 * 8 reads outweigh the matmuls.
   assert resolve('auto', (10, 10), (7, 7), [(64, 64)]) == 'matmul'
   # An explicit choice is kept.
   assert resolve('matmul', (2, 2), (7, 7), [(128, 128)]) == 'matmul'

@@ -30,7 +30,8 @@ Two implementations, chosen with `impl=`:
 
 - 'gather': reads the 4 neighbours of every sample point (`[K, P, 2S, Q, 2S]`
   feature rows per box, S samples per side). Cost grows with S**2: cheapest
-  for a small fixed `sampling_ratio`. Its gradient is a scatter-add.
+  for a small fixed `sampling_ratio`. Its gradient is a scatter-add. On CPU both
+  go a few boxes at a time, so that a chunk's neighbours stay in cache.
 - 'matmul': bilinear sampling is separable, so the whole op is
   `out[k] = Ay[k] @ F @ Ax[k].T` per channel, with interpolation matrices
   `Ay [K, P, H]` and `Ax [K, Q, W]` that already average the samples of each
@@ -39,9 +40,10 @@ Two implementations, chosen with `impl=`:
   slow gathers and scatters), and for adaptive sampling with a large bound.
 - 'auto': 'matmul' on TPU (by design, not measured here); on CPU and GPU the
   choice measured in experiments/roi_align/results.md (see `_AUTO_GATHER_MAX_TAPS`);
-  on CPU also 'gather' whenever the map is large enough that the matmuls cost more
-  (`_CPU_GATHER_READ_COST`): a 128x128 map, or FPN levels, where 'matmul' pools
-  every box on every level.
+  on CPU the two costs are weighed (`_CPU_GATHER_READ_COST`): 'gather' for a fixed
+  2x2 to 4x4 samples on a 64x64 or larger map, and on FPN levels, where 'matmul'
+  pools every box on every level; 'matmul' for small maps and adaptive sampling
+  with its large bound.
 
 Gradients flow to the features only: boxes are wrapped in `stop_gradient`, as
 torchvision's op has no box gradient.
@@ -60,22 +62,28 @@ import jax.numpy as jnp
 
 IMPLS = ('auto', 'gather', 'matmul')
 
-# 'auto' picks 'gather' while a bin has at most this many samples (gh * gw) and
-# 'matmul' above. CPU: measured in experiments/roi_align/results.md (512 boxes, 7x7:
-# 'gather' wins at 1 sample per bin, 'matmul' from 2x2 on). GPU: not measured here
-# (no GPU was available); gathers are cheap there, so 'gather' up to 4x4.
+# 'auto' picks 'gather' while a bin has at most this many samples (gh * gw); above it
+# the costs decide (next constant) where the map sizes are known, else 'matmul'.
+# GPU: not measured here (no GPU was available); gathers are cheap there, so 'gather'
+# up to 4x4.
 _AUTO_GATHER_MAX_TAPS = {'cpu': 1, 'gpu': 16}
 
 # 'auto' on CPU above that many samples: one 'gather' neighbour read costs about as much
 # as this many 'matmul' multiply-adds. 'matmul' does P*H*W + P*Q*W of them per box and
 # channel (summed over the maps it reads), 'gather' reads P*Q*gh*gw*4 neighbours.
-# Measured (experiments/roi_align/results.md, "Large maps and FPN levels"): 512 boxes,
-# 7x7, 2x2 samples: 64x64 map (cost ratio 41) 'matmul' 1.9x faster; 96x96 (88) about
-# even; 128x128 (154) and a 512 image's FPN levels (209) 'gather' 1.3-1.9x faster.
-_CPU_GATHER_READ_COST = 64
+# Measured with the chunked 'gather' (experiments/roi_align/results.md, 2026-12-06): 512
+# boxes, 7x7 bins on a 64x64 map, fwd+bwd: 2x2 samples (cost ratio 41) 'gather' 4.3x
+# faster, 3x3 (18) 1.7x, 4x4 (10) 1.1x, adaptive 10x10 (1.6) 'matmul' 6x faster. (Before
+# the chunks it was 64: 'matmul' won on a 64x64 map.)
+_CPU_GATHER_READ_COST = 8
 
 # Boxes per step of the CPU 'matmul' loop (measured in experiments/roi_align).
 _MATMUL_CHUNK = 16
+
+# Neighbour values per step of the CPU 'gather' loop: 8 boxes of 7x7 bins, 2x2 samples
+# (16 neighbours each), 256 channels; 6.4 MB in float32 (measured in experiments/roi_align:
+# 4 to 16 such boxes per step ran alike, 32 1.5x slower, all 512 at once 4-10x).
+_GATHER_CHUNK_VALUES = 8 * 49 * 16 * 256
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -247,7 +255,9 @@ def gather_pool(flat_features: jax.Array, base: jax.Array, row_stride: jax.Array
     ys: taps along y, fields [K, P, Sy]; xs: along x, [K, Q, Sx].
 
   Returns:
-    [K, P, Q, C] in the features' dtype.
+    [K, P, Q, C] in the features' dtype. On CPU the boxes go in chunks of
+    `_GATHER_CHUNK_VALUES` neighbour values (see `_gather_pool`); on accelerators
+    all at once.
   """
   num_boxes = base.shape[0]
   rows = jnp.stack([ys.low, ys.high], axis=-1).reshape(num_boxes, ys.low.shape[1], -1)
@@ -258,10 +268,64 @@ def gather_pool(flat_features: jax.Array, base: jax.Array, row_stride: jax.Array
   stride = stride if stride.ndim == 0 else stride[:, None, None]
   row_offsets = base[:, None, None] + rows * stride  # [K, P, Ty]
   index = row_offsets[:, :, :, None, None] + cols[:, None, None, :, :]  # [K, P, Ty, Q, Tx]
-  values = flat_features[index].astype(wy.dtype)  # [K, P, Ty, Q, Tx, C]
-  weights = wy[:, :, :, None, None] * wx[:, None, None, :, :]
-  out = jnp.sum(values * weights[..., None], axis=(2, 4))
-  return out.astype(flat_features.dtype)
+  weights = jax.lax.stop_gradient(wy[:, :, :, None, None] * wx[:, None, None, :, :])
+  chunk = max(num_boxes, 1)
+  if jax.default_backend() == 'cpu':
+    values_per_box = math.prod(index.shape[1:]) * flat_features.shape[-1]
+    chunk = min(chunk, max(1, _GATHER_CHUNK_VALUES // values_per_box))
+  padded = -(-num_boxes // chunk) * chunk
+  pad = [(0, padded - num_boxes)] + [(0, 0)] * 4
+  # Padded boxes read pixel 0 with weight 0 (and add 0 to its gradient).
+  out = _gather_pool(flat_features, jnp.pad(index, pad), jnp.pad(weights, pad), chunk)
+  return out[:num_boxes]
+
+
+def _gather_chunk(flat_features, index, weights):
+  """[N, C], [k, P, Ty, Q, Tx] -> [k, P, Q, C]: the weighted sum of the neighbours."""
+  values = flat_features.at[index].get(mode='promise_in_bounds')
+  values = values.astype(weights.dtype)
+  return jnp.sum(values * weights[..., None], axis=(2, 4)).astype(flat_features.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gather_pool(flat_features, index, weights, chunk):
+  """'gather' RoIAlign of K boxes (K a multiple of `chunk`), `chunk` boxes at a time.
+
+  On CPU a chunk's neighbours (`[chunk, P, Ty, Q, Tx, C]`, 6.4 MB in float32) stay in cache between the gather and the sum, and
+  the gradient's scatter-add goes the same way. All boxes at once materialised 411 MB
+  for 512 boxes and ran 4-10x slower (experiments/roi_align/results.md).
+  """
+  out = jax.lax.map(lambda a: _gather_chunk(flat_features, a[0], a[1]),
+                    (_chunks(index, chunk), _chunks(weights, chunk)))
+  return out.reshape((-1,) + out.shape[2:])
+
+
+def _gather_pool_fwd(flat_features, index, weights, chunk):
+  return (_gather_pool(flat_features, index, weights, chunk),
+          (index, weights, flat_features.shape))
+
+
+def _gather_pool_bwd(chunk, residuals, grad):
+  """Gradient w.r.t. the features only: each chunk's weighted output gradient
+  scatter-added to the neighbours it was read from (in the weights' dtype; the
+  output, hence its gradient, has the features' dtype)."""
+  index, weights, shape = residuals
+  channels = shape[-1]
+
+  def body(grad_features, args):
+    i, w, g = args
+    updates = w[..., None] * g.astype(w.dtype)[:, :, None, :, None, :]
+    grad_features = grad_features.at[i.reshape(-1)].add(
+        updates.reshape(-1, channels), mode='promise_in_bounds')
+    return grad_features, None
+
+  grad_features, _ = jax.lax.scan(body, jnp.zeros(shape, weights.dtype),
+                                  (_chunks(index, chunk), _chunks(weights, chunk),
+                                   _chunks(grad, chunk)))
+  return grad_features.astype(grad.dtype), None, None
+
+
+_gather_pool.defvjp(_gather_pool_fwd, _gather_pool_bwd)
 
 
 def interpolation_matrix(samples: AxisSamples, size: int) -> jax.Array:
