@@ -112,3 +112,11 @@ python experiments/benchmarks/voc_sized.py /tmp/voc_sized
 for rep in 1 2; do for p in 16 0; do
   $B --workload=pipeline --config=configs/fcn8s.py:voc --config.dataset.name=voc_segmentation --config.dataset.train_split=train --config.dataset.data_dir=/tmp/voc_sized/tfds --batch_size=8 --steps=20 --config.dataset.prefetch=$p --json=$R/pipeline_voc_sized_prefetch${p}_${rep}_s19.json
 done; done
+# 2026-12-06, session 20: RoIAlign 'gather' in chunks of boxes (custom VJP), CPU 'auto' break-even 8
+$B --workload=roi_align --compare=torchvision --steps=7 --json=$R/roi_align_gather_s20_1.json
+$B --workload=roi_align --compare=torchvision --steps=7 --json=$R/roi_align_gather_s20_2.json
+$B $MRCNN --mode=infer --json=$R/maskrcnn_infer_gather_chunks_s20.json
+$B $MRCNN --mode=train --same_state --json=$R/maskrcnn_train_same_state_gather_chunks_s20.json
+$B $MRCNN --mode=train --json=$R/maskrcnn_train_gather_chunks_s20.json
+python -m segjax.benchmarks.roi_align_bench          # experiments/roi_align/results.md, 2026-12-06
+python -m segjax.benchmarks.roi_align_bench --maps
