@@ -44,7 +44,8 @@ for _ in range(4):
   ctypes.memset(block, 1, size)
   libc.free(block)
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(retained, *faults)
+import jax
+print(retained, jax.config.values['jax_cpu_enable_async_dispatch'], *faults)
 '''
 
 
@@ -53,7 +54,7 @@ print(retained, *faults)
 def test_retained_memory_is_not_faulted_in_again(mode, inherited):
   """A 200 MB block malloc'ed, written and freed four times (as XLA CPU does with a
   step's temporaries): with the system's malloc every cycle maps it afresh (~51k page
-  faults of 4 KiB); retained, only the first does. The process restarts itself with
+  faults of 4 KiB); retained, only the first does, and JAX's CPU dispatch is synchronous. The process restarts itself with
   the setting asked for, also when it inherited the other one (`inherited`)."""
   if host_memory._glibc() is None:
     pytest.skip('not glibc')
@@ -64,9 +65,12 @@ def test_retained_memory_is_not_faulted_in_again(mode, inherited):
     env.update(host_memory.RETAIN_ENV)
   out = subprocess.run([sys.executable, '-c', _CYCLES, mode], capture_output=True,
                        text=True, check=True, env=env).stdout.split()
-  retained, faults = out[0] == 'True', [int(v) for v in out[1:]]
+  retained, asynchronous = out[0] == 'True', out[1] == 'True'
+  faults = [int(v) for v in out[2:]]
   pages = 200 * 2**20 // 4096
   assert retained == (mode == 'retain')
+  # Retaining, XLA CPU runs computations synchronously (else two steps' temporaries).
+  assert asynchronous == (mode != 'retain')
   assert faults[0] > 0.9 * pages
   if mode == 'retain':
     assert max(faults[1:]) < 0.05 * pages, faults

@@ -25,6 +25,8 @@ slower (0.71-0.77x torchvision's against 0.84x), while from the environment it r
 1.07x. So the command lines (`segjax.main`, `segjax.predict`, `segjax.benchmark`,
 `--host_malloc`) re-execute themselves with `RETAIN_ENV` at start-up (`configure`), before
 their heavy imports; a program that imports segjax sets the variables when it starts.
+Retaining, they also dispatch XLA CPU computations synchronously
+(`dispatch_synchronously`), or the heap holds two steps' temporaries.
 """
 
 from __future__ import annotations
@@ -67,8 +69,9 @@ MODES = ('auto', 'retain', 'system')
 # The command lines' --host_malloc flag (segjax.main, segjax.predict, segjax.benchmark).
 FLAG_HELP = ("'retain': glibc malloc keeps freed memory for reuse, so XLA CPU's per-step "
              "temporaries are not mapped and faulted in again every step (the process's RSS "
-             "stays near its peak); 'system': malloc as it is; 'auto': 'retain' where JAX "
-             "can only run on the CPU (segjax/train/host_memory.py).")
+             "stays near its peak), and XLA CPU computations run synchronously; 'system': "
+             "malloc as it is; 'auto': 'retain' where JAX can only run on the CPU "
+             "(segjax/train/host_memory.py).")
 
 # glibc's malloc settings, read when a process starts (the tunables' environment aliases).
 RETAIN_ENV = {'MALLOC_ARENA_MAX': '1', 'MALLOC_MMAP_MAX_': '0',
@@ -98,6 +101,21 @@ def cpu_only(platforms: str | None = None) -> bool:
     except (ImportError, ValueError):  # a parent package is missing
       continue
   return True
+
+
+def dispatch_synchronously() -> None:
+  """Makes XLA CPU run each computation before the call returns (JAX's
+  `jax_cpu_enable_async_dispatch` off); call it before JAX's CPU backend starts.
+
+  `configure` does when it retains freed memory. With asynchronous dispatch a step's
+  temporaries were freed only after the next step had allocated its own, so the
+  retained heap grew to two steps' temporaries: the FCN-ResNet50 train loop (batch 2,
+  320x320) peaked at 9.7 GB of RSS against 5.2 GB with this and 4.4 GB with the system's
+  malloc, at 3.43, 3.20 and 3.41 s per step (experiments/benchmarks/README.md, "A step's
+  temporaries").
+  """
+  import jax  # here, not at the top: the command lines call `configure` before importing it
+  jax.config.update('jax_cpu_enable_async_dispatch', False)
 
 
 def retained_by_environment() -> bool:
@@ -133,6 +151,8 @@ def configure(mode: str) -> bool:
     raise ValueError(f'--host_malloc={mode!r} is not valid; choose one of {list(MODES)}')
   retain = _glibc() is not None and (mode == 'retain' or (mode == 'auto' and cpu_only()))
   if retain == retained_by_environment():
+    if retain:
+      dispatch_synchronously()
     return retain
   # Started with the other setting (e.g. inherited from a parent): restart with this one.
   if retain:
