@@ -120,3 +120,13 @@ $B $MRCNN --mode=train --same_state --json=$R/maskrcnn_train_same_state_gather_c
 $B $MRCNN --mode=train --json=$R/maskrcnn_train_gather_chunks_s20.json
 python -m segjax.benchmarks.roi_align_bench          # experiments/roi_align/results.md, 2026-12-06
 python -m segjax.benchmarks.roi_align_bench --maps
+# 2026-12-06, session 20: synchronous dispatch with the retained heap (host_memory.dispatch_synchronously)
+$B $FCN --mode=train --batch_size=2 --image_size=320,320 --steps=3 --memory_side=segjax   # and --host_malloc=system
+$B $FCN --mode=train --batch_size=2 --image_size=320,320 --steps=3 --memory_side=torchvision
+$B $FCN --mode=train --batch_size=2 --image_size=320,320 --steps=3 --memory --compare=torchvision --json=$R/fcn_resnet50_train_memory_s20.json
+$B $FCN --mode=train $SEG --json=$R/fcn_resnet50_train_sync_s20.json
+# the train loops (process max RSS with /usr/bin/time -f %M; s per step from the log's timestamps):
+#   python -m segjax.main --config=configs/fcn8s.py --config.num_train_steps=400 --workdir=/tmp/wd [--host_malloc=system]
+#   python -m segjax.main --config=configs/fcn_resnet50.py:voc --config.dataset.name=voc_segmentation --config.dataset.train_split=train \
+#     --config.dataset.data_dir=/tmp/voc_sized/tfds --config.dataset.crop_size=320,320 --config.batch_size=2 --config.eval_batch_size=2 \
+#     --config.num_train_steps=40 --config.log_every_steps=10 --config.eval_every_steps=1000 --workdir=/tmp/wd_r50 [--host_malloc=system]
