@@ -193,6 +193,17 @@ def test_bad_arguments_name_the_value_and_choices():
     roi_align(jnp.zeros((4, 4, 1)), boxes, 2)
 
 
+@pytest.mark.parametrize('impl', ['gather', 'matmul'])
+def test_no_boxes(impl):
+  # torchvision returns an empty [0, C, P, Q] for no boxes; here [B, 0, P, Q, C].
+  features = jnp.ones((2, 8, 8, 3))
+  boxes = jnp.zeros((2, 0, 4))
+  fn = lambda f: roi_align(f, boxes, (4, 3), sampling_ratio=2, impl=impl)
+  assert fn(features).shape == (2, 0, 4, 3, 3)
+  grad = jax.grad(lambda f: fn(f).sum())(features)
+  assert grad.shape == features.shape and not np.any(np.asarray(grad))
+
+
 def test_auto_impl_choice():
   assert roi_align_lib.resolve_impl('gather', (9, 9)) == 'gather'
   if jax.default_backend() == 'cpu':

@@ -260,9 +260,11 @@ def gather_pool(flat_features: jax.Array, base: jax.Array, row_stride: jax.Array
     all at once.
   """
   num_boxes = base.shape[0]
-  rows = jnp.stack([ys.low, ys.high], axis=-1).reshape(num_boxes, ys.low.shape[1], -1)
+  rows = jnp.stack([ys.low, ys.high], axis=-1).reshape(num_boxes, ys.low.shape[1],
+                                                         2 * ys.low.shape[2])
   wy = jnp.stack([ys.w_low, ys.w_high], axis=-1).reshape(rows.shape)
-  cols = jnp.stack([xs.low, xs.high], axis=-1).reshape(num_boxes, xs.low.shape[1], -1)
+  cols = jnp.stack([xs.low, xs.high], axis=-1).reshape(num_boxes, xs.low.shape[1],
+                                                         2 * xs.low.shape[2])
   wx = jnp.stack([xs.w_low, xs.w_high], axis=-1).reshape(cols.shape)
   stride = jnp.asarray(row_stride, jnp.int32)
   stride = stride if stride.ndim == 0 else stride[:, None, None]
@@ -411,7 +413,7 @@ def matmul_pool(features: jax.Array, ay: jax.Array, ax: jax.Array,
     in one piece on accelerators.
   """
   num_rois = ay.shape[1]
-  chunk = min(num_rois, _MATMUL_CHUNK) if jax.default_backend() == 'cpu' else num_rois
+  chunk = max(1, min(num_rois, _MATMUL_CHUNK) if jax.default_backend() == 'cpu' else num_rois)
   padded = -(-num_rois // chunk) * chunk
   pad = [(0, 0), (0, padded - num_rois), (0, 0), (0, 0)]
   ay = jnp.pad(ay.astype(features.dtype), pad)  # zero rows: padded boxes pool to 0
