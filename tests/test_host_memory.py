@@ -54,8 +54,9 @@ print(retained, jax.config.values['jax_cpu_enable_async_dispatch'], *faults)
 def test_retained_memory_is_not_faulted_in_again(mode, inherited):
   """A 200 MB block malloc'ed, written and freed four times (as XLA CPU does with a
   step's temporaries): with the system's malloc every cycle maps it afresh (~51k page
-  faults of 4 KiB); retained, only the first does, and JAX's CPU dispatch is synchronous. The process restarts itself with
-  the setting asked for, also when it inherited the other one (`inherited`)."""
+  faults of 4 KiB); retained, only the first does, and JAX's CPU dispatch is synchronous.
+  The process restarts itself with the setting asked for, also when it inherited the
+  other one (`inherited`)."""
   if host_memory._glibc() is None:
     pytest.skip('not glibc')
   env = dict(os.environ)

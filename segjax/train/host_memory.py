@@ -145,7 +145,9 @@ def configure(mode: str) -> bool:
   'system' leaves malloc as it is, 'auto' retains where JAX can only run on the CPU
   (`cpu_only`). A process that did not start with the setting asked for re-executes
   itself (`os.execv` of `sys.orig_argv`: same pid, same arguments) with `RETAIN_ENV` set
-  or removed, so call this first thing. Returns whether freed memory is retained.
+  or removed, so call this first thing. Retaining, it then turns JAX's asynchronous CPU
+  dispatch off (`dispatch_synchronously`, which imports JAX). Returns whether freed
+  memory is retained.
   Raises ValueError naming a bad mode."""
   if mode not in MODES:
     raise ValueError(f'--host_malloc={mode!r} is not valid; choose one of {list(MODES)}')

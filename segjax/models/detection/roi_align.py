@@ -293,9 +293,10 @@ def _gather_chunk(flat_features, index, weights):
 def _gather_pool(flat_features, index, weights, chunk):
   """'gather' RoIAlign of K boxes (K a multiple of `chunk`), `chunk` boxes at a time.
 
-  On CPU a chunk's neighbours (`[chunk, P, Ty, Q, Tx, C]`, 6.4 MB in float32) stay in cache between the gather and the sum, and
-  the gradient's scatter-add goes the same way. All boxes at once materialised 411 MB
-  for 512 boxes and ran 4-10x slower (experiments/roi_align/results.md).
+  On CPU a chunk's neighbours (`[chunk, P, Ty, Q, Tx, C]`, 6.4 MB in float32) stay in
+  cache between the gather and the sum, and the gradient's scatter-add goes the same way.
+  All boxes at once materialised 411 MB for 512 boxes and ran 4-10x slower
+  (experiments/roi_align/results.md).
   """
   out = jax.lax.map(lambda a: _gather_chunk(flat_features, a[0], a[1]),
                     (_chunks(index, chunk), _chunks(weights, chunk)))
