@@ -130,3 +130,5 @@ $B $FCN --mode=train $SEG --json=$R/fcn_resnet50_train_sync_s20.json
 #   python -m segjax.main --config=configs/fcn_resnet50.py:voc --config.dataset.name=voc_segmentation --config.dataset.train_split=train \
 #     --config.dataset.data_dir=/tmp/voc_sized/tfds --config.dataset.crop_size=320,320 --config.batch_size=2 --config.eval_batch_size=2 \
 #     --config.num_train_steps=40 --config.log_every_steps=10 --config.eval_every_steps=1000 --workdir=/tmp/wd_r50 [--host_malloc=system]
+$B --workload=roi_align --compare=torchvision --steps=7 --json=$R/roi_align_gather_sync_s20.json
+$B $MRCNN --mode=train --same_state --json=$R/maskrcnn_train_same_state_sync_s20.json
