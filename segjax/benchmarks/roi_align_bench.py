@@ -168,9 +168,9 @@ def main():
     if have_torch:
       rows.append(('torchvision.ops.roi_align (NCHW)',
                    *torch_timings(features, boxes, grad_out, sampling_ratio, repeats)))
+    # Adaptive (-1): the exact static bound here is ceil(64 / 7) = 10 samples per side,
+    # (2 * 10)**2 = 400 neighbour reads per bin for 'gather'.
     for impl in ('gather', 'matmul'):
-      # Adaptive: the exact static bound here is ceil(64 / 7) = 10 samples per side,
-      # (2 * 10)**2 = 400 neighbour reads per bin for 'gather'.
       rows.append((f"segjax '{impl}'",
                    *jax_timings(features, boxes, grad_out, impl, sampling_ratio, repeats)))
     reference = rows[0][2] if have_torch else None

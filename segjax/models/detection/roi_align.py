@@ -270,7 +270,7 @@ def gather_pool(flat_features: jax.Array, base: jax.Array, row_stride: jax.Array
   stride = stride if stride.ndim == 0 else stride[:, None, None]
   row_offsets = base[:, None, None] + rows * stride  # [K, P, Ty]
   index = row_offsets[:, :, :, None, None] + cols[:, None, None, :, :]  # [K, P, Ty, Q, Tx]
-  weights = jax.lax.stop_gradient(wy[:, :, :, None, None] * wx[:, None, None, :, :])
+  weights = wy[:, :, :, None, None] * wx[:, None, None, :, :]  # no gradient: `_gather_pool`
   chunk = max(num_boxes, 1)
   if jax.default_backend() == 'cpu':
     values_per_box = math.prod(index.shape[1:]) * flat_features.shape[-1]
