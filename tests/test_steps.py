@@ -1,5 +1,7 @@
 """The train step's DeepLab options: subsampled labels, multi-scale losses, frozen BatchNorm."""
 
+import re
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -178,6 +180,45 @@ def test_gated_update_is_apply_gradients_when_finite_and_a_no_op_otherwise(bad):
                   strict=True):
     np.testing.assert_array_equal(a, b)
 
+
+
+def _select_update(state, grads, loss):
+  """The gated update as a select of the updated and the old state (before 2026-12-06)."""
+  finite = jnp.isfinite(loss)
+  for g in jax.tree_util.tree_leaves(grads):
+    finite &= jnp.all(jnp.isfinite(g))
+  kept = state.replace(step=state.step + 1)
+  return jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),
+                                state.apply_gradients(grads), kept), finite
+
+
+def test_gated_update_lets_xla_update_the_donated_state_in_place():
+  """Jitted with the state donated, the gated update copies no state buffer (the select
+  of both states made XLA copy the parameters and momenta at the step's start: each
+  one's update read the other's old buffer)."""
+  tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.01, momentum=0.9))
+  params = [jnp.full((3, 3, 32, 32), 0.01) for _ in range(3)]
+  state = TrainState(step=jnp.asarray(0, jnp.int32), params=params, batch_stats={},
+                     opt_state=tx.init(params), rng=jnp.zeros((2,), jnp.uint32),
+                     apply_fn=None, tx=tx)
+  x = jnp.ones((2, 8, 8, 32))
+
+  def loss_fn(params):
+    y = x
+    for w in params:
+      y = jax.nn.relu(jax.lax.conv_general_dilated(y, w, (1, 1), 'SAME',
+                                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
+    return jnp.sum(y)
+
+  def copies(update):
+    def step(state):
+      loss, grads = jax.value_and_grad(loss_fn)(state.params)
+      return update(state, grads, loss)[0]
+    hlo = jax.jit(step, donate_argnums=0).lower(state).compile().as_text()
+    return len(re.findall(r'copy\(%state', hlo))
+
+  assert copies(_select_update) >= 6               # 3 kernels and their 3 momenta
+  assert copies(lambda s, g, loss: s.apply_gradients_if_finite(g, loss)) == 0
 
 def test_call_jitted_once_returns_the_jitted_result_and_keeps_no_executable():
   from segjax.benchmarks.measure import compile_monitor

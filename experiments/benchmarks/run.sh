@@ -132,3 +132,13 @@ $B $FCN --mode=train $SEG --json=$R/fcn_resnet50_train_sync_s20.json
 #     --config.num_train_steps=40 --config.log_every_steps=10 --config.eval_every_steps=1000 --workdir=/tmp/wd_r50 [--host_malloc=system]
 $B --workload=roi_align --compare=torchvision --steps=7 --json=$R/roi_align_gather_sync_s20.json
 $B $MRCNN --mode=train --same_state --json=$R/maskrcnn_train_same_state_sync_s20.json
+# 2026-12-06, session 21: BatchNorm's gradient keeps x only (layers.BatchNorm), conv backward tied to dy (layers.after)
+$B $FCN --mode=train --batch_size=2 --image_size=320,320 --steps=3 --memory --compare=torchvision --json=$R/fcn_resnet50_train_memory_s21.json
+$B $FCN --mode=train $SEG --json=$R/fcn_resnet50_train_s21.json
+python experiments/benchmarks/ab_train_step_memory.py --pairs=7      # old (flax BatchNorm, no tie, select) vs new, one process
+$B $DEEPLAB --mode=train $SEG --json=$R/deeplabv3_train_s21.json
+$B $MRCNN --mode=train --same_state --json=$R/maskrcnn_train_same_state_s21.json
+$B $DEEPLAB --mode=train --batch_size=2 --image_size=320,320 --steps=3 --memory --compare=torchvision --json=$R/deeplabv3_train_memory_s21.json
+#   /usr/bin/time -f %M python -m segjax.main --config=configs/fcn8s.py --config.num_train_steps=400 --workdir=/tmp/wd
+# the same, with the skipped-step gate a conditional (TrainState.apply_gradients_if_finite)
+$B $FCN --mode=train --batch_size=2 --image_size=320,320 --steps=3 --memory --compare=torchvision --json=$R/fcn_resnet50_train_memory_s21_cond.json

@@ -11,7 +11,8 @@ Conventions (hold everywhere in `segjax.models`):
   is `running = 0.9 * running + 0.1 * batch`, i.e. PyTorch `momentum=0.1`;
   `epsilon=1e-5`. (PyTorch keeps the *unbiased* batch variance in its running
   average, flax the biased one; the difference is N/(N-1) and only affects
-  training-time statistics, never imported weights or eval outputs.)
+  training-time statistics, never imported weights or eval outputs.) `BatchNorm` is
+  flax's with a gradient that keeps less memory (`batch_norm_train`).
 - Convolution kernels are HWIO: torchvision OIHW weights import as
   `w.transpose(2, 3, 1, 0)`.
 """
@@ -989,7 +990,7 @@ class BatchNorm(nn.Module):
     ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones(features, jnp.float32))
     scale = self.param('scale', self.scale_init, (features,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (features,), jnp.float32)
-    dtype = self.dtype or jnp.result_type(x, scale)
+    dtype = jnp.result_type(x, scale) if self.dtype is None else self.dtype
     if self.use_running_average:
       return _normalize(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon, dtype)
     initializing = self.is_initializing()

@@ -46,11 +46,13 @@ class TrainState:
     finite = jnp.isfinite(loss)
     for g in jax.tree_util.tree_leaves(grads):
       finite &= jnp.all(jnp.isfinite(g))
-    updated = self.apply_gradients(grads, **changes)
-    kept = self.replace(step=self.step + 1,
-                        **{name: getattr(self, name) for name in changes})
-    return jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),
-                                  updated, kept), finite
+    # A conditional, not a select of both states: with `jnp.where(finite, new, old)` XLA
+    # fused the new optimizer moments into both the parameters' and the moments' update,
+    # each then reading the other's old buffer, and copied the whole donated state at the
+    # step's start to keep them (FCN-ResNet50 train step: 226 copies, 270 MB, live through
+    # the step).
+    return jax.lax.cond(finite, lambda s: s.apply_gradients(grads, **changes),
+                        lambda s: s.replace(step=s.step + 1), self), finite
 
 
 def call_jitted_once(fn: Callable[..., Any], *args: Any) -> Any:
