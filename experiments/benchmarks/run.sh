@@ -142,3 +142,5 @@ $B $DEEPLAB --mode=train --batch_size=2 --image_size=320,320 --steps=3 --memory 
 #   /usr/bin/time -f %M python -m segjax.main --config=configs/fcn8s.py --config.num_train_steps=400 --workdir=/tmp/wd
 # the same, with the skipped-step gate a conditional (TrainState.apply_gradients_if_finite)
 $B $FCN --mode=train --batch_size=2 --image_size=320,320 --steps=3 --memory --compare=torchvision --json=$R/fcn_resnet50_train_memory_s21_cond.json
+$B $FCN --mode=train $SEG --json=$R/fcn_resnet50_train_s21_cond.json
+$B $DEEPLAB --mode=train --batch_size=2 --image_size=320,320 --steps=3 --memory --compare=torchvision --json=$R/deeplabv3_train_memory_s21_cond.json
