@@ -12,7 +12,7 @@ import pytest
 from segjax import base_config, config_validation, models
 from segjax.train import steps
 from segjax.train.losses import cross_entropy_sum
-from segjax.train.state import TrainState, create_train_state
+from segjax.train.state import TrainState, all_finite, create_train_state
 
 NUM_CLASSES = 4
 
@@ -181,12 +181,9 @@ def test_gated_update_is_apply_gradients_when_finite_and_a_no_op_otherwise(bad):
     np.testing.assert_array_equal(a, b)
 
 
-
 def _select_update(state, grads, loss):
   """The gated update as a select of the updated and the old state (before 2026-12-06)."""
-  finite = jnp.isfinite(loss)
-  for g in jax.tree_util.tree_leaves(grads):
-    finite &= jnp.all(jnp.isfinite(g))
+  finite = all_finite(loss, grads)
   kept = state.replace(step=state.step + 1)
   return jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),
                                 state.apply_gradients(grads), kept), finite
@@ -219,6 +216,7 @@ def test_gated_update_lets_xla_update_the_donated_state_in_place():
 
   assert copies(_select_update) >= 6               # 3 kernels and their 3 momenta
   assert copies(lambda s, g, loss: s.apply_gradients_if_finite(g, loss)) == 0
+
 
 def test_call_jitted_once_returns_the_jitted_result_and_keeps_no_executable():
   from segjax.benchmarks.measure import compile_monitor

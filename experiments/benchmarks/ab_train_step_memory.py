@@ -24,7 +24,7 @@ from ml_collections import config_flags
 from segjax.benchmarks import measure, segjax_workloads
 from segjax.models import layers
 from segjax.train import host_memory, steps
-from segjax.train.state import TrainState
+from segjax.train.state import TrainState, all_finite
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/fcn_resnet50.py:voc')
 _PAIRS = flags.DEFINE_integer('pairs', 5, 'timed pairs')
@@ -43,9 +43,7 @@ def flax_batch_norm(train, *, axis_name=None, dtype=None, scale_init=nn.initiali
 
 def select_update(self, grads, loss, **changes):
   """`apply_gradients_if_finite` before session 21: a select of both states."""
-  finite = jnp.isfinite(loss)
-  for g in jax.tree_util.tree_leaves(grads):
-    finite &= jnp.all(jnp.isfinite(g))
+  finite = all_finite(loss, grads)
   updated = self.apply_gradients(grads, **changes)
   kept = self.replace(step=self.step + 1, **{name: getattr(self, name) for name in changes})
   return jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),

@@ -43,9 +43,7 @@ class TrainState:
     `apply_gradients`. `loss` must be the same on every device (a global value).
     Returns (state, finite) with `finite` a bool scalar.
     """
-    finite = jnp.isfinite(loss)
-    for g in jax.tree_util.tree_leaves(grads):
-      finite &= jnp.all(jnp.isfinite(g))
+    finite = all_finite(loss, grads)
     # A conditional, not a select of both states: with `jnp.where(finite, new, old)` XLA
     # fused the new optimizer moments into both the parameters' and the moments' update,
     # each then reading the other's old buffer, and copied the whole donated state at the
@@ -53,6 +51,14 @@ class TrainState:
     # the step).
     return jax.lax.cond(finite, lambda s: s.apply_gradients(grads, **changes),
                         lambda s: s.replace(step=s.step + 1), self), finite
+
+
+def all_finite(loss: jnp.ndarray, grads) -> jnp.ndarray:
+  """Whether `loss` and every leaf of `grads` are finite: a bool scalar."""
+  finite = jnp.isfinite(loss)
+  for g in jax.tree_util.tree_leaves(grads):
+    finite &= jnp.all(jnp.isfinite(g))
+  return finite
 
 
 def call_jitted_once(fn: Callable[..., Any], *args: Any) -> Any:
