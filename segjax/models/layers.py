@@ -439,55 +439,102 @@ def conv3x3_winograd(x: jax.Array, w: jax.Array, padding: tuple[tuple[int, int],
   out_h = height + top + bottom - 2 * dh
   out_w = width + left + right - 2 * dw
   tiles_h, tiles_w = -(-out_h // (2 * dh)), -(-out_w // (2 * dw))
-  m = [None] * 16                                    # index 4 * col + row
-  for c0, c1, v in _winograd_input_tiles(x, tiles_h, tiles_w, padding, dilation):
-    wc = w[..., c0:c1] if flip_transpose else w[:, :, c0:c1]
-    # G g G^T, in the same (col, row) order as v.
-    g_rows = _combine(_WINOGRAD_G, [wc[0], wc[1], wc[2]])          # 4 x [3 (kw), ., .]
-    g = [_combine(_WINOGRAD_G, [r[0], r[1], r[2]]) for r in g_rows]  # g[row][col]
-    for k in range(16):
-      row, col = k % 4, k // 4
-      if flip_transpose:                             # [tiles, c] x [co, c]^T
-        tap = g[_WINOGRAD_G_REVERSED[row]][_WINOGRAD_G_REVERSED[col]]
-        part = lax.dot_general(v[k], tap, (((1,), (1,)), ((), ())),
-                               preferred_element_type=jnp.float32)
+  tiles = batch * tiles_h * dh * tiles_w * dw
+  in_chunks = _winograd_chunks(x, tiles)
+  # The products (and the output's inverse transform) by output-channel chunks where
+  # the input is one chunk, its transform shared (the 2048-channel input gradient of
+  # FCN-ResNet50's head, 2x40x40: 100 MB of products at once, 4x its output). With
+  # several input chunks each output chunk would transform the input again.
+  out_chunk = cout if len(in_chunks) > 1 else _winograd_channel_chunk(tiles, cout)
+  shared_v = None
+  ys = []
+  # Each chunk's transforms wait for x and for the previous chunk's products (or output):
+  # left free, XLA computed every chunk's transformed input and kernel first
+  # (FCN-ResNet50 inference: 165 of its 176 MB of temporaries at the 2048->512 head, 64
+  # MB of them kernels; and transformed kernels of layer4 held from the program's start).
+  previous = x
+  for o0 in range(0, cout, out_chunk):
+    o1 = min(o0 + out_chunk, cout)
+    m = [None] * 16                                  # index 4 * col + row
+    for c0, c1 in in_chunks:
+      wc = w[:, :, o0:o1, c0:c1] if flip_transpose else w[:, :, c0:c1, o0:o1]
+      if shared_v is None:
+        xc, wc = after(previous, x[..., c0:c1], wc)
+        v = _winograd_input_tiles(xc, tiles_h, tiles_w, padding, dilation)
+        if len(in_chunks) == 1:
+          shared_v = v
       else:
-        part = jnp.dot(v[k], g[row][col], preferred_element_type=jnp.float32)
-      m[k] = part if m[k] is None else m[k] + part
-  m = [mk.reshape(batch, tiles_h, dh, tiles_w, dw, cout) for mk in m]
-  # A^T m A: along the columns (for each row), then along the rows.
+        v, (wc,) = shared_v, after(previous, wc)
+      # G g G^T, in the same (col, row) order as v.
+      g_rows = _combine(_WINOGRAD_G, [wc[0], wc[1], wc[2]])          # 4 x [3 (kw), ., .]
+      g = [_combine(_WINOGRAD_G, [r[0], r[1], r[2]]) for r in g_rows]  # g[row][col]
+      for k in range(16):
+        row, col = k % 4, k // 4
+        if flip_transpose:                           # [tiles, c] x [co, c]^T
+          tap = g[_WINOGRAD_G_REVERSED[row]][_WINOGRAD_G_REVERSED[col]]
+          part = lax.dot_general(v[k], tap, (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+        else:
+          part = jnp.dot(v[k], g[row][col], preferred_element_type=jnp.float32)
+        m[k] = part if m[k] is None else m[k] + part
+      previous = _first_elements(m)
+    y = _winograd_output(m, batch, tiles_h, tiles_w, dilation, o1 - o0)[:, :out_h, :out_w]
+    if out_chunk < cout:
+      # Stored, not recomputed from its products by the concatenation below (XLA fuses
+      # the inverse transform into its consumers), and the next chunk waits for it.
+      y = computed_once(y)
+      previous = y
+    ys.append(y)
+  return (ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=-1)).astype(x.dtype)
+
+
+def _winograd_output(m: list[jax.Array], batch: int, tiles_h: int, tiles_w: int,
+                     dilation: tuple[int, int], channels: int) -> jax.Array:
+  """A^T m A of the 16 products m (index 4 * col + row, each [tiles, channels]): the
+  [batch, 2 * dh * tiles_h, 2 * dw * tiles_w, channels] output tiles."""
+  dh, dw = dilation
+  m = [mk.reshape(batch, tiles_h, dh, tiles_w, dw, channels) for mk in m]
+  # Along the columns (for each row), then along the rows.
   by_col = [_combine(_WINOGRAD_AT, [m[4 * c + r] for c in range(4)]) for r in range(4)]
   y = jnp.stack([jnp.stack(_combine(_WINOGRAD_AT, [by_col[r][oc] for r in range(4)]))
                  for oc in range(2)])                            # [out col, out row, ...]
-  y = y.transpose(2, 3, 1, 4, 5, 0, 6, 7).reshape(
-      batch, 2 * dh * tiles_h, 2 * dw * tiles_w, cout)
-  return y[:, :out_h, :out_w].astype(x.dtype)
+  return y.transpose(2, 3, 1, 4, 5, 0, 6, 7).reshape(
+      batch, 2 * dh * tiles_h, 2 * dw * tiles_w, channels)
+
+
+def _winograd_chunks(x: jax.Array, tiles: int) -> list[tuple[int, int]]:
+  """x's input channels [c0, c1), chunk by chunk, whose transformed input
+  (`_winograd_input_tiles`) is computed at a time.
+
+  The transformed input is 4x the input, hence the chunks (FCN-ResNet50 inference's XLA
+  temp buffer: 258 MB unchunked, 209 MB with 32 MB chunks).
+  """
+  cin = x.shape[-1]
+  chunk = _winograd_channel_chunk(tiles, cin)
+  return [(c0, min(c0 + chunk, cin)) for c0 in range(0, cin, chunk)]
 
 
 def _winograd_input_tiles(x: jax.Array, tiles_h: int, tiles_w: int,
-                          padding: tuple[tuple[int, int], ...], dilation: tuple[int, int]):
-  """Yields (c0, c1, v) for x's input channels [c0, c1), chunk by chunk: v holds the 16
-  transformed 4x4 input tiles B^T d B (index 4 * col + row), each [tiles, c1 - c0], of
-  the tiles_h x tiles_w output tiles (2d x 2d each) on the dilated lattice.
+                          padding: tuple[tuple[int, int], ...],
+                          dilation: tuple[int, int]) -> list[jax.Array]:
+  """The 16 transformed 4x4 input tiles B^T d B (index 4 * col + row), each
+  [tiles, channels], of the tiles_h x tiles_w output tiles (2d x 2d each) on the dilated
+  lattice.
 
-  The transformed input is 4x the input, hence the chunks (FCN-ResNet50 inference's XLA
-  temp buffer: 258 MB unchunked, 209 MB with 32 MB chunks). The 16 tiles stay 16 arrays:
-  stacked into one [16, ...] operand for a batched matmul, XLA CPU's concatenate made
-  the input transform ~5x slower (42 vs 8 ms for 512 channels on 2x40x40).
+  They stay 16 arrays: stacked into one [16, ...] operand for a batched matmul, XLA
+  CPU's concatenate made the input transform ~5x slower (42 vs 8 ms for 512 channels on
+  2x40x40).
   """
-  batch, height, width, cin = x.shape
+  batch, height, width, channels = x.shape
   (top, _), (left, _) = padding
   dh, dw = dilation
   pads = ((0, 0), (top, 2 * dh * (tiles_h + 1) - height - top),
           (left, 2 * dw * (tiles_w + 1) - width - left), (0, 0))
-  chunk = _winograd_channel_chunk(batch * tiles_h * dh * tiles_w * dw, cin)
-  for c0 in range(0, cin, chunk):
-    xc = jnp.pad(x[..., c0:c0 + chunk], pads).reshape(
-        batch, tiles_h + 1, 2, dh, tiles_w + 1, 2, dw, -1)
-    # B^T d B: along the columns, then along the rows of each column result.
-    cols = _winograd_taps(xc, 4, tiles_w)            # 4 x [b, th+1, 2, dh, tw, dw, c]
-    yield c0, c0 + xc.shape[-1], [row.reshape(-1, xc.shape[-1]) for col in cols
-                                  for row in _winograd_taps(col, 1, tiles_h)]
+  xp = jnp.pad(x, pads).reshape(batch, tiles_h + 1, 2, dh, tiles_w + 1, 2, dw, channels)
+  # B^T d B: along the columns, then along the rows of each column result.
+  cols = _winograd_taps(xp, 4, tiles_w)              # 4 x [b, th+1, 2, dh, tw, dw, c]
+  return [row.reshape(-1, channels) for col in cols
+          for row in _winograd_taps(col, 1, tiles_h)]
 
 
 # The filter gradient of a 3x3 conv by Winograd's F(3x3, 2x2) (Lavin & Gray §4: the
@@ -516,15 +563,25 @@ def conv3x3_winograd_filter_grad(x: jax.Array, dy: jax.Array,
   dy_cols = _combine(_WINOGRAD_FILTER_G, [dyp[:, :, :, :, :, 0], dyp[:, :, :, :, :, 1]])
   u = [row.reshape(-1, cout) for col in dy_cols
        for row in _combine(_WINOGRAD_FILTER_G, [col[:, :, 0], col[:, :, 1]])]
-  parts = []
-  for _, _, v in _winograd_input_tiles(x, tiles_h, tiles_w, padding, dilation):
-    parts.append([lax.dot_general(v[k], u[k], (((0,), (0,)), ((), ())),
-                                  preferred_element_type=jnp.float32) for k in range(16)])
-  m = [p[0] if len(parts) == 1 else jnp.concatenate(p) for p in zip(*parts)]  # [cin, cout]
-  # A'^T M A': along the columns (for each row), then along the rows.
-  by_col = [_combine(_WINOGRAD_FILTER_AT, [m[4 * c + r] for c in range(4)]) for r in range(4)]
-  taps = [_combine(_WINOGRAD_FILTER_AT, [by_col[r][j] for r in range(4)]) for j in range(3)]
-  return jnp.stack([jnp.stack([taps[j][i] for j in range(3)]) for i in range(3)])
+  chunks = _winograd_chunks(x, batch * tiles_h * dh * tiles_w * dw)
+  dws = []
+  previous = dy
+  for c0, c1 in chunks:
+    # One chunk's transformed input at a time, as in `conv3x3_winograd`.
+    xc, = after(previous, x[..., c0:c1])
+    v = _winograd_input_tiles(xc, tiles_h, tiles_w, padding, dilation)
+    m = [lax.dot_general(v[k], u[k], (((0,), (0,)), ((), ())),
+                         preferred_element_type=jnp.float32) for k in range(16)]  # [c, cout]
+    # A'^T M A': along the columns (for each row), then along the rows.
+    by_col = [_combine(_WINOGRAD_FILTER_AT, [m[4 * c + r] for c in range(4)]) for r in range(4)]
+    taps = [_combine(_WINOGRAD_FILTER_AT, [by_col[r][j] for r in range(4)]) for j in range(3)]
+    dwc = jnp.stack([jnp.stack([taps[j][i] for j in range(3)]) for i in range(3)])
+    if len(chunks) > 1:
+      # The chunk's taps stored (9/16 of its products) before the next chunk starts.
+      dwc = computed_once(dwc)
+      previous = dwc
+    dws.append(dwc)
+  return dws[0] if len(dws) == 1 else jnp.concatenate(dws, axis=2)
 
 
 # conv3x3_winograd's transformed input is computed in input-channel chunks of at most
@@ -680,6 +737,25 @@ conv_winograd_undifferentiated.defvjp(_conv_winograd_undifferentiated_fwd,
                                       _conv_winograd_undifferentiated_bwd)
 
 
+@jax.custom_vjp
+def computed_once(x: jax.Array) -> jax.Array:
+  """x, which XLA CPU then computes once where it is not differentiated.
+
+  XLA's fusion recomputes a cheap elementwise value inside each consumer it fuses with,
+  and so recomputed each ResNet block's output (ReLU of the BatchNorm'd conv plus the
+  block's input, itself such a value) in the next block's residual add: every block's
+  output was rebuilt from all of its stage's conv outputs, which stayed alive to the
+  stage's end (FCN-ResNet50 inference, 2x320x320: layer4's four 25 MB outputs at once).
+  A division is one of the ops XLA never duplicates; x / 1 is exact, and the 1 is made
+  from x (1 + 0 * isnan(x)) so that XLA cannot fold it away. Differentiated, x as it is
+  (the gradient is dy), since training keeps those outputs for the backward anyway.
+  """
+  return x / (1 + jnp.isnan(x).astype(x.dtype) * 0)
+
+
+computed_once.defvjp(lambda x: (x, None), lambda _, dy: (dy,))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def conv_tap_matmuls(x: jax.Array, w: jax.Array, strides: tuple[int, int],
                      padding: tuple[tuple[int, int], ...],
@@ -708,15 +784,22 @@ def _conv_tap_matmuls_fwd(x, w, strides, padding, dilation):
   return _conv_tap_matmuls_forward(x, w, strides, padding, dilation), (x, w)
 
 
+def _first_elements(arrays: Sequence[jax.Array]) -> jax.Array:
+  """The sum of the first elements of `arrays`: an anchor for `after` that exists only
+  once all of them do."""
+  return sum(lax.index_in_dim(a.reshape(-1), 0, keepdims=False) for a in arrays)
+
+
 def after(dy: jax.Array, *arrays: jax.Array) -> list[jax.Array]:
-  """`arrays` unchanged in value but computed from `dy` (+ 0 * one element of dy), for a
-  backward pass: XLA then neither merges what the backward computes from them with the
-  forward's identical computations (CSE: the forward's Winograd transforms of x, 4x its
-  size, and of w were kept alive until the backward) nor schedules those computations
-  before dy exists. `lax.optimization_barrier` would say this, but XLA CPU removes
-  barriers before both passes. A non-finite element makes them non-finite, as it makes
-  the gradients computed from dy."""
-  zero = 0 * lax.index_in_dim(dy.reshape(-1), 0, keepdims=False)
+  """`arrays` unchanged in value but computed from `dy` (+ a zero made from one element
+  of dy), e.g. for a backward pass: XLA then neither merges what the backward computes
+  from them with the forward's identical computations (CSE: the forward's Winograd
+  transforms of x, 4x its size, and of w were kept alive until the backward) nor
+  schedules those computations before dy exists. `lax.optimization_barrier` would say
+  this, but XLA CPU removes barriers before both passes. The zero is 0 * (whether the
+  element is finite), so a non-finite dy changes nothing."""
+  first = lax.index_in_dim(dy.reshape(-1), 0, keepdims=False)
+  zero = jnp.isfinite(first).astype(jnp.float32) * 0
   return [a + zero.astype(a.dtype) for a in arrays]
 
 

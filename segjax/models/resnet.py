@@ -95,7 +95,7 @@ class BasicBlock(nn.Module):
       identity = layers.conv2d(self.planes, 1, strides=self.strides, use_bias=False,
                                dtype=self.dtype, name='downsample_0')(x)
       identity = bn(name='downsample_1')(identity)
-    return nn.relu(y + identity)
+    return layers.computed_once(nn.relu(y + identity))
 
 
 class Bottleneck(nn.Module):
@@ -128,7 +128,7 @@ class Bottleneck(nn.Module):
       identity = layers.conv2d(out, 1, strides=self.strides, use_bias=False,
                                dtype=self.dtype, name='downsample_0')(x)
       identity = bn(name='downsample_1')(identity)
-    return nn.relu(y + identity)
+    return layers.computed_once(nn.relu(y + identity))
 
 
 class ResNet(nn.Module):
