@@ -969,3 +969,19 @@ def test_conv3x3_winograd_in_output_channel_chunks_equals_one_chunk(flip_transpo
   plain_w = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2) if flip_transpose else w
   np.testing.assert_allclose(chunked, layers._conv_nhwc(x, plain_w, (1, 1), padding, (1, 1)),
                              rtol=1e-5, atol=1e-4)
+
+
+def test_ordered_tap_matmuls_keep_values_and_copy_one_window_at_a_time():
+  """`ordered`: each tap's window waits for the previous tap's sum, so XLA no longer
+  copies every tap's window of x first (DeepLab's rate-12 ASPP conv on 2x20x20x512:
+  1.9 against 4.5 MB of temporaries)."""
+  x = jax.random.normal(jax.random.key(3), (2, 20, 20, 512))
+  w = jax.random.normal(jax.random.key(4), (3, 3, 512, 64)) / 40.0
+  args = ((1, 1), ((12, 12), (12, 12)), (12, 12))
+  ordered = jax.jit(lambda x_, w_: layers.conv_as_tap_matmuls(x_, w_, *args, ordered=True))
+  free = jax.jit(lambda x_, w_: layers.conv_as_tap_matmuls(x_, w_, *args))
+  np.testing.assert_allclose(ordered(x, w), free(x, w), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(ordered(x, w), layers._conv_nhwc(x, w, *args), rtol=1e-5,
+                             atol=1e-4)
+  assert (ordered.lower(x, w).compile().memory_analysis().temp_size_in_bytes
+          <= 0.6 * free.lower(x, w).compile().memory_analysis().temp_size_in_bytes)

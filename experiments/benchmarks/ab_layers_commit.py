@@ -8,8 +8,10 @@ workloads (`segjax.benchmarks.segjax_workloads`), timed in alternating pairs.
   python experiments/benchmarks/ab_layers_commit.py --mode=infer --pairs=9
   python experiments/benchmarks/ab_layers_commit.py --mode=train --pairs=7
 
-Prints both steps' XLA temporaries (`memory_analysis()`), each pair's step times and the
-median of old / new (> 1: new faster). Needs a git checkout (the old file comes from it).
+Prints both steps' XLA temporaries (`memory_analysis()`; semantic configs), each pair's
+step times and the median of old / new (> 1: new faster). Instance configs' train steps
+start every step from the initial state (the harness's --same_state). Needs a git
+checkout (the old file comes from it).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ _SIZE = flags.DEFINE_list('image_size', ['320', '320'], 'H,W')
 _OLD_COMMIT = flags.DEFINE_string('old_commit', '7306d02', 'the commit of the old layers.py')
 _OLD_FUNCTIONS = flags.DEFINE_list(
     'old_functions', ['conv3x3_winograd', 'conv3x3_winograd_filter_grad', 'after',
-                      'computed_once'],
+                      'computed_once', 'conv_as_tap_matmuls', '_conv_tap_matmuls_forward'],
     'functions of segjax.models.layers the old side takes from the old file')
 
 
@@ -73,16 +75,19 @@ def main(_):
   config = segjax_workloads.prepare_config(_CONFIG.value, _BATCH.value, size)
   batch = segjax_workloads.make_batch(config, _BATCH.value, size)
   mode = _MODE.value
-  print(f'new: temporaries {temporaries_mb(config, mode, batch):.1f} MB', flush=True)
-  new = segjax_workloads.workload(config, mode, batch, name='new')
+  instance = segjax_workloads.is_instance(config)
+  if not instance:
+    print(f'new: temporaries {temporaries_mb(config, mode, batch):.1f} MB', flush=True)
+  new = segjax_workloads.workload(config, mode, batch, name='new', same_state=instance)
   print('new warm-up', measure.warm_up(new), flush=True)
   old_layers = load_old_layers(_OLD_COMMIT.value)
   saved = {name: getattr(layers, name) for name in _OLD_FUNCTIONS.value}
   for name in saved:
     setattr(layers, name, getattr(old_layers, name, lambda x: x))
   try:  # traced and compiled with the old functions
-    print(f'old: temporaries {temporaries_mb(config, mode, batch):.1f} MB', flush=True)
-    old = segjax_workloads.workload(config, mode, batch, name='old')
+    if not instance:
+      print(f'old: temporaries {temporaries_mb(config, mode, batch):.1f} MB', flush=True)
+    old = segjax_workloads.workload(config, mode, batch, name='old', same_state=instance)
     print('old warm-up', measure.warm_up(old), flush=True)
   finally:
     for name, function in saved.items():
