@@ -985,3 +985,27 @@ def test_ordered_tap_matmuls_keep_values_and_copy_one_window_at_a_time():
                              atol=1e-4)
   assert (ordered.lower(x, w).compile().memory_analysis().temp_size_in_bytes
           <= 0.6 * free.lower(x, w).compile().memory_analysis().temp_size_in_bytes)
+
+
+@pytest.mark.parametrize('size,kernel,dilation,cin', [(20, 3, 12, 64), (9, 5, 3, 6), (11, 3, 2, 7)])
+def test_tap_matmul_grads_equal_autodiff_and_keep_fewer_windows(size, kernel, dilation, cin):
+  """The stride-1 tap-matmul conv's gradients tap after tap (dx accumulated in place)
+  equal autodiff's of `conv_as_tap_matmuls`, with lower temporaries (autodiff keeps
+  every tap's window of x): uneven padding, dilated taps partly in the padding."""
+  x = jax.random.normal(jax.random.key(0), (2, size, size + 1, cin))
+  w = jax.random.normal(jax.random.key(1), (kernel, kernel, cin, 5)) / 10
+  reach = dilation * (kernel // 2)
+  padding = ((reach, reach), (reach - 1, reach + 1))
+  args = ((1, 1), padding, (dilation, dilation))
+  assert layers.tap_count(x.shape, w.shape, padding, (dilation, dilation)) > 1
+  y = layers.conv_as_tap_matmuls(x, w, *args)
+  dy = jax.random.normal(jax.random.key(2), y.shape)
+  ours = jax.jit(lambda x_, w_, dy_: layers.tap_matmul_grads(x_, w_, dy_, padding,
+                                                             (dilation, dilation)))
+  autodiff = jax.jit(lambda x_, w_, dy_: jax.vjp(
+      lambda a, b: layers.conv_as_tap_matmuls(a, b, *args), x_, w_)[1](dy_))
+  for got, want in zip(ours(x, w, dy), autodiff(x, w, dy)):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(want))))
+  temp = lambda f: f.lower(x, w, dy).compile().memory_analysis().temp_size_in_bytes  # noqa: E731
+  assert temp(ours) <= 0.8 * temp(autodiff), (temp(ours), temp(autodiff))

@@ -1,9 +1,9 @@
 """In-process A/B of a step (train or inference) with segjax's conv layers as they are
 and as they were at an earlier commit: `segjax/models/layers.py` of `--old_commit` is
 loaded as a module of its own (`git show`) and its `--old_functions` replace the current
-ones while the old step is traced; `computed_once` (added in session 22) is the identity
-there when it is listed and the old file lacks it. Both steps are the harness's
-workloads (`segjax.benchmarks.segjax_workloads`), timed in alternating pairs.
+ones while the old step is traced (functions the old file lacks: `_ABSENT`'s stand-ins).
+Both steps are the harness's workloads (`segjax.benchmarks.segjax_workloads`), timed in
+alternating pairs.
 
   python experiments/benchmarks/ab_layers_commit.py --mode=infer --pairs=9
   python experiments/benchmarks/ab_layers_commit.py --mode=train --pairs=7
@@ -38,8 +38,14 @@ _SIZE = flags.DEFINE_list('image_size', ['320', '320'], 'H,W')
 _OLD_COMMIT = flags.DEFINE_string('old_commit', '7306d02', 'the commit of the old layers.py')
 _OLD_FUNCTIONS = flags.DEFINE_list(
     'old_functions', ['conv3x3_winograd', 'conv3x3_winograd_filter_grad', 'after',
-                      'computed_once', 'conv_as_tap_matmuls', '_conv_tap_matmuls_forward'],
+                      'computed_once', 'conv_as_tap_matmuls', '_conv_tap_matmuls_forward',
+                      'tap_count'],
     'functions of segjax.models.layers the old side takes from the old file')
+
+
+# Stand-ins for functions session 22 added, on an old side that lacks them: no stored
+# outputs; no taps, so the conv backward takes autodiff's path (tap_matmul_grads unused).
+_ABSENT = {'computed_once': lambda x: x, 'tap_count': lambda *args: 0}
 
 
 def load_old_layers(commit: str):
@@ -83,7 +89,7 @@ def main(_):
   old_layers = load_old_layers(_OLD_COMMIT.value)
   saved = {name: getattr(layers, name) for name in _OLD_FUNCTIONS.value}
   for name in saved:
-    setattr(layers, name, getattr(old_layers, name, lambda x: x))
+    setattr(layers, name, getattr(old_layers, name, None) or _ABSENT[name])
   try:  # traced and compiled with the old functions
     if not instance:
       print(f'old: temporaries {temporaries_mb(config, mode, batch):.1f} MB', flush=True)

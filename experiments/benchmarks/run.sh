@@ -144,3 +144,13 @@ $B $DEEPLAB --mode=train --batch_size=2 --image_size=320,320 --steps=3 --memory 
 $B $FCN --mode=train --batch_size=2 --image_size=320,320 --steps=3 --memory --compare=torchvision --json=$R/fcn_resnet50_train_memory_s21_cond.json
 $B $FCN --mode=train $SEG --json=$R/fcn_resnet50_train_s21_cond.json
 $B $DEEPLAB --mode=train --batch_size=2 --image_size=320,320 --steps=3 --memory --compare=torchvision --json=$R/deeplabv3_train_memory_s21_cond.json
+# 2026-12-06, session 22: Winograd chunks and tap matmuls ordered (layers.after), ResNet block outputs stored (layers.computed_once)
+$B $FCN --mode=infer --batch_size=2 --image_size=320,320 --steps=3 --memory --compare=torchvision --json=$R/fcn_resnet50_infer_memory_s22.json
+$B $FCN --mode=train --batch_size=2 --image_size=320,320 --steps=3 --memory --compare=torchvision --json=$R/fcn_resnet50_train_memory_s22.json
+$B $DEEPLAB --mode=infer --batch_size=2 --image_size=320,320 --steps=5 --memory --compare=torchvision --json=$R/deeplabv3_infer_memory_s22.json
+# in-process A/Bs against the layers of 7306d02 (session 21's last commit), temporaries printed:
+python experiments/benchmarks/ab_layers_commit.py --mode=infer --pairs=9
+python experiments/benchmarks/ab_layers_commit.py --mode=train --pairs=7
+python experiments/benchmarks/ab_layers_commit.py $DEEPLAB --mode=infer --pairs=7
+python experiments/benchmarks/ab_layers_commit.py --config=configs/mask_rcnn_r50_fpn.py:coco --config.model.box_score_thresh=0.0 --batch_size=1 --image_size=512,512 --mode=infer --pairs=7
+python experiments/benchmarks/ab_layers_commit.py --config=configs/mask_rcnn_r50_fpn.py:coco --config.model.freeze_bn=False --config.model.box_score_thresh=0.0 --batch_size=1 --image_size=512,512 --mode=train --pairs=7
