@@ -154,3 +154,5 @@ python experiments/benchmarks/ab_layers_commit.py --mode=train --pairs=7
 python experiments/benchmarks/ab_layers_commit.py $DEEPLAB --mode=infer --pairs=7
 python experiments/benchmarks/ab_layers_commit.py --config=configs/mask_rcnn_r50_fpn.py:coco --config.model.box_score_thresh=0.0 --batch_size=1 --image_size=512,512 --mode=infer --pairs=7
 python experiments/benchmarks/ab_layers_commit.py --config=configs/mask_rcnn_r50_fpn.py:coco --config.model.freeze_bn=False --config.model.box_score_thresh=0.0 --batch_size=1 --image_size=512,512 --mode=train --pairs=7
+$B $DEEPLAB --mode=train --batch_size=2 --image_size=320,320 --steps=3 --memory --compare=torchvision --json=$R/deeplabv3_train_memory_s22.json
+python experiments/benchmarks/ab_layers_commit.py $DEEPLAB --mode=train --pairs=7
