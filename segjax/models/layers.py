@@ -510,8 +510,8 @@ def _winograd_output(m: list[jax.Array], batch: int, tiles_h: int, tiles_w: int,
 
 
 def _winograd_chunks(x: jax.Array, tiles: int) -> list[tuple[int, int]]:
-  """x's input channels [c0, c1), chunk by chunk, whose transformed input
-  (`_winograd_input_tiles`) is computed at a time.
+  """The ranges [c0, c1) of x's input channels whose transformed inputs
+  (`_winograd_input_tiles`) are computed one at a time.
 
   The transformed input is 4x the input, hence the chunks (FCN-ResNet50 inference's XLA
   temp buffer: 258 MB unchunked, 209 MB with 32 MB chunks).
