@@ -22,13 +22,12 @@ import subprocess
 import sys
 import tempfile
 
-import jax
 from absl import app, flags
 from ml_collections import config_flags
 
 from segjax.benchmarks import measure, segjax_workloads
 from segjax.models import layers
-from segjax.train import host_memory, steps
+from segjax.train import host_memory
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/fcn_resnet50.py:voc')
 _MODE = flags.DEFINE_enum('mode', 'infer', ['infer', 'train'], 'the step compared')
@@ -62,19 +61,6 @@ def load_old_layers(commit: str):
   return module
 
 
-def temporaries_mb(config, mode: str, batch) -> float:
-  """XLA's temporaries of the step (`memory_analysis()`); train: donated, as jitted."""
-  state = segjax_workloads.create_state(config)
-  if mode == 'infer':
-    state = state.replace(opt_state=())
-    compiled = jax.jit(steps.predict).lower(state, batch['image']).compile()
-  else:
-    step = steps.bind_train_step(config, axis_name=None)
-    images = {'image': batch['image'], 'label': batch['label']}
-    compiled = jax.jit(step, donate_argnums=(0,)).lower(state, images).compile()
-  return compiled.memory_analysis().temp_size_in_bytes / 2**20
-
-
 def main(_):
   host_memory.configure('auto')
   size = tuple(int(v) for v in _SIZE.value)
@@ -83,7 +69,7 @@ def main(_):
   mode = _MODE.value
   instance = segjax_workloads.is_instance(config)
   if not instance:
-    print(f'new: temporaries {temporaries_mb(config, mode, batch):.1f} MB', flush=True)
+    print(f'new: temporaries {segjax_workloads.temporaries_mb(config, mode, batch):.1f} MB', flush=True)
   new = segjax_workloads.workload(config, mode, batch, name='new', same_state=instance)
   print('new warm-up', measure.warm_up(new), flush=True)
   old_layers = load_old_layers(_OLD_COMMIT.value)
@@ -92,7 +78,7 @@ def main(_):
     setattr(layers, name, getattr(old_layers, name, None) or _ABSENT[name])
   try:  # traced and compiled with the old functions
     if not instance:
-      print(f'old: temporaries {temporaries_mb(config, mode, batch):.1f} MB', flush=True)
+      print(f'old: temporaries {segjax_workloads.temporaries_mb(config, mode, batch):.1f} MB', flush=True)
     old = segjax_workloads.workload(config, mode, batch, name='old', same_state=instance)
     print('old warm-up', measure.warm_up(old), flush=True)
   finally:

@@ -23,7 +23,7 @@ from ml_collections import config_flags
 
 from segjax.benchmarks import measure, segjax_workloads
 from segjax.models import layers
-from segjax.train import host_memory, steps
+from segjax.train import host_memory
 from segjax.train.state import TrainState, all_finite
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/fcn_resnet50.py:voc')
@@ -50,15 +50,6 @@ def select_update(self, grads, loss, **changes):
                                 updated, kept), finite
 
 
-def temporaries_mb(config, batch) -> float:
-  """XLA's temporaries of the donated, jitted train step (`memory_analysis()`)."""
-  state = segjax_workloads.create_state(config)
-  step = steps.bind_train_step(config, axis_name=None)
-  images = jax.device_put({'image': batch['image'], 'label': batch['label']})
-  compiled = jax.jit(step, donate_argnums=(0,)).lower(state, images).compile()
-  return compiled.memory_analysis().temp_size_in_bytes / 2**20
-
-
 def main(_):
   host_memory.configure('auto')
   size = tuple(int(v) for v in _SIZE.value)
@@ -66,7 +57,7 @@ def main(_):
   batch = segjax_workloads.make_batch(config, _BATCH.value, size)
   instance = segjax_workloads.is_instance(config)
   if not instance:
-    print(f'new: temporaries {temporaries_mb(config, batch):.1f} MB', flush=True)
+    print(f'new: temporaries {segjax_workloads.temporaries_mb(config, "train", batch):.1f} MB', flush=True)
   new = segjax_workloads.workload(config, 'train', batch, name='new', same_state=instance)
   print('new warm-up', measure.warm_up(new), flush=True)
   saved = layers.batch_norm, layers.after, TrainState.apply_gradients_if_finite
@@ -78,7 +69,7 @@ def main(_):
     TrainState.apply_gradients_if_finite = select_update
   try:  # traced and compiled with the old code
     if not instance:
-      print(f'old: temporaries {temporaries_mb(config, batch):.1f} MB', flush=True)
+      print(f'old: temporaries {segjax_workloads.temporaries_mb(config, "train", batch):.1f} MB', flush=True)
     old = segjax_workloads.workload(config, 'train', batch, name='old', same_state=instance)
     print('old warm-up', measure.warm_up(old), flush=True)
   finally:
