@@ -940,6 +940,39 @@ def test_computed_once_keeps_values_and_gradients_and_stops_xla_recomputing_a_ch
   assert _temp_bytes(chain(False), x, ws) >= 4 * x.nbytes
 
 
+def test_recompute_in_backward_keeps_gradients_and_keeps_only_the_inputs():
+  """Four blocks of three tanh layers: gradients equal to plain autodiff's (also of an
+  output without a gradient, as BatchNorm's running averages are), and XLA's temporaries
+  hold the blocks' inputs instead of every layer's output: 6 against 12 x-sized buffers.
+  (`jax.checkpoint` on XLA CPU: 15.)"""
+  x = jax.random.normal(jax.random.key(3), (2048, 128))
+  ws = [[jax.random.normal(jax.random.key(10 * b + i), (128, 128)) / 12 for i in range(3)]
+        for b in range(4)]
+
+  def block(w, x):
+    for wi in w:
+      x = jnp.tanh(x @ wi)
+    return x, jnp.mean(x, axis=0)                    # an output nothing differentiates
+
+  def loss(block_fn):
+    def run(ws, x):
+      for w in ws:
+        x, _ = block_fn(w, x)
+      return jnp.sum(x ** 2)
+    return jax.grad(run, argnums=(0, 1))
+
+  plain = jax.jit(loss(block))(ws, x)
+  recomputed = jax.jit(loss(layers.recompute_in_backward(block)))(ws, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               recomputed, plain)
+  kept = _temp_bytes(loss(layers.recompute_in_backward(block)), ws, x)
+  assert kept <= 0.6 * _temp_bytes(loss(block), ws, x)
+  stats_grad = jax.grad(lambda w: jnp.sum(layers.recompute_in_backward(block)(w, x)[1]))(
+      ws[0])
+  np.testing.assert_allclose(stats_grad, jax.grad(lambda w: jnp.sum(block(w, x)[1]))(ws[0]),
+                             rtol=1e-5, atol=1e-6)
+
+
 def test_after_ignores_a_non_finite_anchor():
   x = jax.random.normal(jax.random.key(2), (3, 4))
   for bad in (jnp.nan, jnp.inf, -jnp.inf):

@@ -159,16 +159,23 @@ def test_unknown_and_missing_fields():
     models.build_model(models.default_model_config(), num_classes=0)
 
 
-@pytest.mark.parametrize('name', ['fcn8s', 'deeplab_v3', 'fcn_resnet'])
-def test_remat_keeps_parameters_outputs_and_gradients(name):
+@pytest.mark.parametrize('name,freeze_bn', [('fcn8s', False), ('deeplab_v3', False),
+                                            ('fcn_resnet', False), ('deeplab_v3', True)])
+def test_remat_keeps_parameters_outputs_and_gradients(name, freeze_bn):
   """model.remat=True recomputes the ResNet blocks in the backward pass: the same
   parameter tree, outputs, BatchNorm statistics and gradients as without it, and the
-  lowered gradient really rematerialises the 8 blocks."""
-  results = {}
-  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  compiled gradient really computes the blocks again."""
+  results, flops = {}, {}
+  # 96x96, not smaller: at 32x32 the forward's convs (not differentiated) took other
+  # kernels than their recomputation in the backward, and BatchNorm over 2 values per
+  # channel (ResNet-18's layer4, DeepLabV3's pooled ASPP branch) magnified that rounding
+  # to 0.9% of the largest gradient; at 96x96 the gradients were bit-identical.
+  x = jax.random.normal(jax.random.key(1), (2, 96, 96, 3))
   for remat in (False, True):
     c = models.default_model_config(name)
     c.backbone, c.width_multiplier, c.remat = 'resnet18', 1 / 16, remat
+    if freeze_bn:  # BatchNorm in inference mode, the convs still trained
+      c.freeze_bn = True
     if 'fc_kernel_size' in c:
       c.fc_kernel_size = 1
     c.dropout_rate = 0.0
@@ -183,9 +190,10 @@ def test_remat_keeps_parameters_outputs_and_gradients(name):
     grad_fn = jax.jit(jax.grad(loss, has_aux=True))
     grads, updates = grad_fn(variables['params'])
     results[remat] = variables, grads, updates
-    # jax.checkpoint lowers to one optimization barrier per rematerialised block.
-    hlo = grad_fn.lower(variables['params']).as_text()
-    assert hlo.count('optimization_barrier') == (8 if remat else 0)  # ResNet-18: 8 blocks
+    cost = grad_fn.lower(variables['params']).compile().cost_analysis()
+    flops[remat] = (cost[0] if isinstance(cost, list) else cost)['flops']
+  # The backward runs the blocks' forward again (13-35% more FLOPs at this size).
+  assert flops[True] > 1.1 * flops[False], flops
   (v0, g0, u0), (v1, g1, u1) = results[False], results[True]
   assert jax.tree.structure(v0) == jax.tree.structure(v1)
   jax.tree.map(np.testing.assert_array_equal, v0, v1)

@@ -144,9 +144,10 @@ class ResNet(nn.Module):
     output_stride: 32, 16 or 8 via dilation (see module docstring).
     stem_stride: 4 (conv1 /2, max pool /2), 2 (no max pool) or 1 (neither).
     zero_init_residual: last BN gamma of each block starts at 0 (torchvision option).
-    remat: rematerialise every block in the backward pass (`nn.remat`): only the
-      blocks' inputs are kept for the gradient, their insides are recomputed; less
-      activation memory for about one more forward pass, same values.
+    remat: rematerialise every block in the backward pass
+      (`layers.recompute_in_backward`): only the blocks' inputs are kept for the
+      gradient, their insides are recomputed; less activation memory for about one more
+      forward pass, same values.
     bn_axis_name: pmap axis for BatchNorm statistics.
     dtype: compute dtype (params stay float32).
   """
@@ -196,6 +197,27 @@ class ResNet(nn.Module):
       channels[f'res{i + 2}'] = planes * e
     return channels
 
+  def _recomputed_block(self, block: nn.Module, name: str, x: jax.Array,
+                        train: bool) -> jax.Array:
+    """Block `name` (its variables are this module's `name` subtree) applied with
+    `layers.recompute_in_backward`: the backward keeps only the block's input and
+    variables and runs the block again. In training mode its BatchNorm running averages
+    are updated as the block itself would update them."""
+    params = self.variables['params'][name]
+    stats = self.variables['batch_stats'][name]
+
+    def apply(params, stats, x):
+      variables = {'params': params, 'batch_stats': stats}
+      if not train:
+        return block.apply(variables, x, False), stats
+      y, updates = block.apply(variables, x, True, mutable=['batch_stats'])
+      return y, updates['batch_stats']
+
+    y, new_stats = layers.recompute_in_backward(apply)(params, stats, x)
+    if train and self.is_mutable_collection('batch_stats'):
+      self.put_variable('batch_stats', name, new_stats)
+    return y
+
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
     dilate = (False,) + self.replace_stride_with_dilation()
@@ -211,9 +233,9 @@ class ResNet(nn.Module):
     if self.stem_stride == 4:
       x = layers.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
-    # `train` decides Python control flow (BatchNorm's mode): static under remat, where
-    # argument 0 is the module, 1 the input.
-    block_cls = nn.remat(self.block_cls, static_argnums=(2,)) if self.remat else self.block_cls
+    # Once the variables exist; also with BatchNorm in inference mode (`freeze_bn`
+    # trains the convs so). Not differentiated, a block costs what it did without.
+    recompute = self.remat and not self.is_initializing()
     dilation = 1
     for i, (n_blocks, planes) in enumerate(zip(self.stage_sizes, self.stage_planes())):
       strides = 1 if i == 0 else 2
@@ -224,15 +246,20 @@ class ResNet(nn.Module):
       out_channels = planes * self.block_cls.expansion
       for j in range(n_blocks):
         first = j == 0
-        x = block_cls(
+        block = partial(
+            self.block_cls,
             planes=planes,
             strides=strides if first else 1,
             dilation=dilation,
             first_dilation=previous_dilation if first else dilation,
             downsample=first and (strides != 1 or in_channels != out_channels),
             zero_init_residual=self.zero_init_residual,
-            bn_axis_name=self.bn_axis_name, dtype=self.dtype,
-            name=f'layer{i + 1}_{j}')(x, train)
+            bn_axis_name=self.bn_axis_name, dtype=self.dtype)
+        name = f'layer{i + 1}_{j}'
+        if recompute:
+          x = self._recomputed_block(block(parent=None), name, x, train)
+        else:
+          x = block(name=name)(x, train)
       in_channels = out_channels
       features[f'res{i + 2}'] = x
     return features
