@@ -156,3 +156,12 @@ python experiments/benchmarks/ab_layers_commit.py --config=configs/mask_rcnn_r50
 python experiments/benchmarks/ab_layers_commit.py --config=configs/mask_rcnn_r50_fpn.py:coco --config.model.freeze_bn=False --config.model.box_score_thresh=0.0 --batch_size=1 --image_size=512,512 --mode=train --pairs=7
 $B $DEEPLAB --mode=train --batch_size=2 --image_size=320,320 --steps=3 --memory --compare=torchvision --json=$R/deeplabv3_train_memory_s22.json
 python experiments/benchmarks/ab_layers_commit.py $DEEPLAB --mode=train --pairs=7
+# 2026-12-06, session 23: model.remat through layers.recompute_in_backward
+python experiments/benchmarks/compiled_step.py --mode=train --batch_size=2 --image_size=320,320
+python experiments/benchmarks/compiled_step.py --mode=train --batch_size=2 --image_size=320,320 --config.model.remat=True
+python experiments/benchmarks/compiled_step.py --mode=train --batch_size=4 --image_size=512,512
+python experiments/benchmarks/compiled_step.py --mode=train --batch_size=4 --image_size=512,512 --config.model.remat=True
+$B $FCN --config.model.remat=True --mode=train --batch_size=2 --image_size=320,320 --steps=3 --memory --compare=torchvision --json=$R/fcn_resnet50_train_memory_remat_s23.json
+$B $DEEPLAB --config.model.remat=True --mode=train --batch_size=2 --image_size=320,320 --steps=3 --memory --compare=torchvision --json=$R/deeplabv3_train_memory_remat_s23.json
+$B $FCN --config.model.remat=True --mode=train --batch_size=4 --image_size=512,512 --steps=3 --memory --compare=torchvision --json=$R/fcn_resnet50_train_memory_4x512_remat_True_s23.json
+$B $FCN --config.model.remat=False --mode=train --batch_size=4 --image_size=512,512 --steps=3 --memory --compare=torchvision --json=$R/fcn_resnet50_train_memory_4x512_remat_False_s23.json

@@ -69,20 +69,22 @@ def make_batch(config: ml_collections.ConfigDict, batch_size: int,
                                seed=config.seed)
 
 
-def temporaries_mb(config: ml_collections.ConfigDict, mode: str,
-                   batch: dict[str, np.ndarray]) -> float:
-  """XLA's temporaries (`memory_analysis()`, MB) of a semantic config's `mode` step on
-  `batch`, jitted as `workload` jits it (train: the state donated; inference: no
-  optimizer moments). Compiled, never run."""
+def compile_step(config: ml_collections.ConfigDict, mode: str,
+                 batch: dict[str, np.ndarray]) -> jax.stages.Compiled:
+  """A semantic config's `mode` step on `batch`, compiled, never run: jitted as
+  `workload` jits it (train: the state donated; inference: no optimizer moments)."""
   state = create_state(config)
   if mode == 'infer':
-    compiled = jax.jit(steps.predict).lower(state.replace(opt_state=()),
-                                            batch['image']).compile()
-  else:
-    step = steps.bind_train_step(config, axis_name=None)
-    images = {'image': batch['image'], 'label': batch['label']}
-    compiled = jax.jit(step, donate_argnums=(0,)).lower(state, images).compile()
-  return compiled.memory_analysis().temp_size_in_bytes / 2**20
+    return jax.jit(steps.predict).lower(state.replace(opt_state=()), batch['image']).compile()
+  step = steps.bind_train_step(config, axis_name=None)
+  images = {'image': batch['image'], 'label': batch['label']}
+  return jax.jit(step, donate_argnums=(0,)).lower(state, images).compile()
+
+
+def temporaries_mb(config: ml_collections.ConfigDict, mode: str,
+                   batch: dict[str, np.ndarray]) -> float:
+  """XLA's temporaries (`memory_analysis()`, MB) of `compile_step`'s step."""
+  return compile_step(config, mode, batch).memory_analysis().temp_size_in_bytes / 2**20
 
 
 def _instance_infer(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
