@@ -169,7 +169,8 @@ def test_remat_keeps_parameters_outputs_and_gradients(name, freeze_bn):
   # 96x96, not smaller: at 32x32 the forward's convs (not differentiated) took other
   # kernels than their recomputation in the backward, and BatchNorm over 2 values per
   # channel (ResNet-18's layer4, DeepLabV3's pooled ASPP branch) magnified that rounding
-  # to 0.9% of the largest gradient; at 96x96 the gradients were bit-identical.
+  # to 0.9% of the largest gradient; at 96x96 FCN-ResNet's and DeepLabV3's gradients
+  # were bit-identical (checked).
   x = jax.random.normal(jax.random.key(1), (2, 96, 96, 3))
   for remat in (False, True):
     c = models.default_model_config(name)
