@@ -14,7 +14,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from segjax.benchmarks import segjax_workloads
+from segjax.benchmarks import measure, segjax_workloads
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/fcn_resnet50.py:voc')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'infer'], 'which step')
@@ -33,11 +33,9 @@ def main(argv: list[str]) -> None:
                          'semantic configs')
   batch = segjax_workloads.make_batch(config, _BATCH.value, size)
   compiled = segjax_workloads.compile_step(config, _MODE.value, batch)
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
   print(f'{config.model.name} {_MODE.value} {_BATCH.value}x{size[0]}x{size[1]}: '
         f'temporaries {compiled.memory_analysis().temp_size_in_bytes / 2**20:.1f} MB, '
-        f'{cost["flops"] / 1e9:.1f} GFLOP, '
+        f'{measure.analysed_flops(compiled) / 1e9:.1f} GFLOP, '
         f'{compiled.as_text().count(chr(10))} optimized HLO lines')
 
 

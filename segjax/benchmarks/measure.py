@@ -159,14 +159,20 @@ def alternate(a: Workload, b: Workload | None, pairs: int,
   return result
 
 
-def xla_flops(jitted, *args) -> float | None:
-  """FLOPs of one call of `jitted` on `args` from XLA's HLO cost analysis (no compile)."""
-  analysis = jitted.lower(*args).cost_analysis()
+def analysed_flops(stage) -> float | None:
+  """FLOPs from XLA's cost analysis of a lowered or compiled (optimized) computation;
+  None where the backend gives none."""
+  analysis = stage.cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0] if analysis else None
   if not analysis or 'flops' not in analysis:
     return None
   return float(analysis['flops'])
+
+
+def xla_flops(jitted, *args) -> float | None:
+  """FLOPs of one call of `jitted` on `args` from XLA's HLO cost analysis (no compile)."""
+  return analysed_flops(jitted.lower(*args))
 
 
 def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
